@@ -1,0 +1,178 @@
+"""Checkpoint folders: safetensors weights, weights-only optimizer state and a JSON description.
+
+Layout of a checkpoint folder:
+  model.safetensors     network weights (the student alone for distillation runs)
+  adapter.safetensors   distillation feature adapter (distillation runs only)
+  training_state.pt     optimizer and LR-scheduler state, loaded with weights_only=True
+  meta.json             model kind, classes, resolved config, training resolution, code version,
+                        epoch, best validation Dice and the metric history
+
+Nothing here executes code from the files it loads: weights come from safetensors and the
+optimizer state through torch.load(weights_only=True), which rejects pickled objects.
+"""
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import cervi_ray
+from cervi_ray.config import Config, config_from_dict
+from cervi_ray.data.labels import CLASS_NAMES
+from cervi_ray.models import ModelKind, build_model
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+TRAINING_STATE_FILE = "training_state.pt"
+META_FILE = "meta.json"
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when it is a checkout."""
+    version = cervi_ray.__version__
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=source, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}" if commit else version
+
+
+def class_names(label_mode: str) -> list[str]:
+    return list(CLASS_NAMES) if label_mode == "full" else ["not_nucleus", "nucleus"]
+
+
+def describe_model(config: Config, kind: ModelKind) -> dict[str, Any]:
+    """The self-description stored in meta.json: enough to rebuild and apply the model."""
+    data = config.data
+    names = class_names(data.label_mode)
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_kind": kind,
+        "num_classes": len(names),
+        "label_map": {name: index for index, name in enumerate(names)},
+        "label_mode": data.label_mode,
+        # The model sees images resampled by `scale`, so its pixels are mpp / scale microns.
+        "training_resolution": {
+            "scale": data.scale,
+            "source_mpp": data.mpp,
+            "mpp": None if data.mpp is None else data.mpp / data.scale,
+        },
+        "config": config.model_dump(mode="json"),
+        "code_version": code_version(),
+    }
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper, or the model itself."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    adapter: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous(unwrap(model).state_dict()), str(folder / MODEL_FILE))
+    if adapter is not None:
+        save_file(_contiguous(adapter.state_dict()), str(folder / ADAPTER_FILE))
+    if optimizer is not None:
+        state = {"optimizer": optimizer.state_dict()}
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        torch.save(state, folder / TRAINING_STATE_FILE)
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False, default=_json_default))
+    return folder
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses views and shared storage; a contiguous copy of each tensor avoids both.
+    return {key: value.detach().cpu().contiguous().clone() for key, value in state.items()}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"checkpoint metadata value {value!r} of type {type(value).__name__} is not JSON")
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a cervi_ray checkpoint: {META_FILE} is missing. Point to a folder "
+            "written by training (a checkpoint_* folder of the run) or by the export command."
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint description {meta_path} is not valid JSON: {e}") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {folder} has format_version {version!r}; this cervi_ray reads "
+            f"version {FORMAT_VERSION}. Re-export it with a matching cervi_ray release."
+        )
+    return meta
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network described by a checkpoint folder and load its weights (eval mode)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    config = config_from_dict(meta["config"], origin=f"config stored in {folder / META_FILE}")
+    model = build_model(meta["model_kind"], config.model, meta["num_classes"])
+    weights_path = folder / MODEL_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} has no {MODEL_FILE}")
+    state = remap_state_dict(load_file(str(weights_path)), meta)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {weights_path} do not fit the {meta['model_kind']} described in "
+            f"{META_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.to(device).eval(), meta
+
+
+def remap_state_dict(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename keys saved by older layouts to the current module names.
+
+    Strips the "module." prefix that DistributedDataParallel adds, in case weights were saved
+    from the wrapper instead of the unwrapped model.
+    """
+    del meta  # future format versions will branch on it
+    prefix = "module."
+    if all(key.startswith(prefix) for key in state):
+        return {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def load_adapter_state(folder: str | Path) -> dict[str, torch.Tensor] | None:
+    path = Path(folder) / ADAPTER_FILE
+    return load_file(str(path)) if path.is_file() else None
+
+
+def load_training_state(folder: str | Path) -> dict[str, Any] | None:
+    """Optimizer and scheduler state, or None when the folder has none."""
+    path = Path(folder) / TRAINING_STATE_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,138 @@
+"""Command line: `cervi-ray <command> --config FILE [--set section.key=value ...]`."""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cervi_ray.config import Config, ConfigError, load_config
+
+logger = logging.getLogger("cervi_ray")
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config file (default {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set teacher_train.epochs=3 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cervi-ray", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train the teacher, distil the student, evaluate, write the report")
+    _add_common(demo)
+
+    teacher = commands.add_parser("train-teacher", help="train the DeepLabV3+ teacher on Ray Train")
+    _add_common(teacher)
+
+    distill = commands.add_parser("distill", help="distil the teacher into the CerviSegNet student on Ray Train")
+    _add_common(distill)
+    distill.add_argument("--teacher", help="teacher checkpoint folder or s3:// URI (else distill.teacher_checkpoint)")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint: metrics JSON and overlay PNGs")
+    _add_common(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder or s3:// URI")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), help="split to evaluate (else eval.split)")
+    evaluate.add_argument("--output", help="output folder (default <run dir>/evaluate)")
+
+    manifest = commands.add_parser("manifest", help="build the manifest and the splits file, print counts")
+    _add_common(manifest)
+
+    complexity = commands.add_parser("complexity", help="print parameters and MACs of teacher and student")
+    _add_common(complexity)
+    return parser
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def cmd_demo(config: Config, args: argparse.Namespace) -> None:
+    from cervi_ray.pipeline import run_pipeline
+
+    report = run_pipeline(config)
+    print(f"report: {report}")
+
+
+def cmd_train(config: Config, args: argparse.Namespace, task: str) -> None:
+    from cervi_ray.pipeline import checkpoint_from_uri, prepare_data
+    from cervi_ray.train.trainer import fit
+
+    rows = prepare_data(config).to_dict(orient="records")
+    teacher = None
+    if task == "student":
+        uri = args.teacher or config.distill.teacher_checkpoint
+        if uri is None:
+            raise ConfigError("distill needs --teacher CHECKPOINT or distill.teacher_checkpoint in the config")
+        teacher = checkpoint_from_uri(uri, config.run.storage_endpoint_url)
+    outcome = fit(config, task, rows, teacher_checkpoint=teacher)
+    print(json.dumps({
+        "best_checkpoint": outcome.best_checkpoint.path,
+        "latest_checkpoint": outcome.latest_checkpoint.path,
+        "best_metrics": outcome.best_metrics,
+    }, indent=2, default=str))
+
+
+def cmd_evaluate(config: Config, args: argparse.Namespace) -> None:
+    from cervi_ray.pipeline import evaluate_checkpoint_uri
+
+    if args.split:
+        config.eval.split = args.split
+    output = Path(args.output) if args.output else config.run_dir / "evaluate"
+    result = evaluate_checkpoint_uri(config, args.checkpoint, output)
+    for set_name, metrics in result["sets"].items():
+        pixel = metrics["pixel"]
+        print(f"{set_name}: " + ", ".join(f"{name} Dice {values['dice']}" for name, values in pixel.items()))
+    print(f"metrics: {output / 'model' / 'metrics.json'}")
+
+
+def cmd_manifest(config: Config, args: argparse.Namespace) -> None:
+    from cervi_ray.pipeline import prepare_data, split_counts
+
+    manifest = prepare_data(config)
+    print(json.dumps(split_counts(manifest), indent=2))
+    print(f"manifest: {config.run_dir / 'manifest.parquet'}\nsplits: {config.splits_file}")
+
+
+def cmd_complexity(config: Config, args: argparse.Namespace) -> None:
+    from cervi_ray.models import build_model
+    from cervi_ray.models.complexity import count_macs, count_parameters
+
+    size = config.model.input_size
+    for kind in ("teacher", "student"):
+        model = build_model(kind, config.model, config.data.num_classes)
+        macs = count_macs(model, size, config.model.in_channels)
+        print(f"{kind}: {count_parameters(model) / 1e6:.2f} M parameters, {macs / 1e9:.2f} GMACs at {size} x {size}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging()
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.command == "demo":
+            cmd_demo(config, args)
+        elif args.command in ("train-teacher", "distill"):
+            cmd_train(config, args, "teacher" if args.command == "train-teacher" else "student")
+        elif args.command == "evaluate":
+            cmd_evaluate(config, args)
+        elif args.command == "manifest":
+            cmd_manifest(config, args)
+        elif args.command == "complexity":
+            cmd_complexity(config, args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

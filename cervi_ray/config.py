@@ -1,0 +1,277 @@
+"""Typed, validated run configuration loaded from YAML (configs/*.yaml).
+
+Every section rejects unknown keys, so a typo fails at load time with the key's path instead
+of being ignored. The resolved config is saved next to every output and inside every
+checkpoint.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cervi_ray.data.labels import NUM_CLASSES
+
+DATA_ROOT_ENV = "CERVI_RAY_DATA"
+DEFAULT_DATA_ROOT = "../shared/data"  # relative to the working directory
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used, with the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    name: str
+    kind: Literal["isbi2015", "isbi2014_train45", "isbi2014_test90", "isbi2014_edf_real", "folder"]
+    path: str  # relative to data.root, or absolute
+    # "auto" joins the seeded group split; "test" (or train/val) pins every image of the
+    # source, e.g. an evaluation-only set.
+    split: Literal["auto", "train", "val", "test"] = "auto"
+    group_pattern: str | None = None  # folder kind: regex whose first group names the group
+    value_map: dict[int, int] | None = None  # folder kind: mask pixel value -> label
+    annotation: Literal["full", "nucleus"] | None = None  # folder kind: "nucleus" for nuclei-only masks
+
+
+class SplitConfig(Section):
+    seed: int = 0
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    # With 5 folds of the non-test 80 %, each validation fold is 16 % of the data: fold 0 is
+    # the 64 / 16 / 20 train / val / test split.
+    folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    file: str | None = None  # default: <run.output_dir>/splits.json, shared by later runs
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> "SplitConfig":
+        if self.fold >= self.folds:
+            raise ValueError(f"fold must be below folds ({self.folds}), got {self.fold}")
+        return self
+
+
+class AugmentConfig(Section):
+    enabled: bool = True
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    vflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    rotate_limit: float = Field(45.0, ge=0.0, le=180.0)  # degrees
+    rotate_p: float = Field(0.5, ge=0.0, le=1.0)
+    occlusion_p: float = Field(0.5, ge=0.0, le=1.0)
+    brightness: float = Field(0.2, ge=0.0)
+    contrast: float = Field(0.2, ge=0.0)
+    saturation: float = Field(0.2, ge=0.0)
+    jitter_p: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class DataConfig(Section):
+    root: str | None = None  # default: $CERVI_RAY_DATA, else ../shared/data
+    sources: list[SourceConfig] = Field(min_length=1)
+    label_mode: Literal["full", "nucleus"] = "full"
+    # Resampling factor applied to every image on load (0.5 halves each side). Masks are
+    # resampled with nearest neighbour; metrics are computed at the original resolution.
+    scale: float = Field(1.0, gt=0.0, le=4.0)
+    crop_size: int | None = Field(512, ge=32)  # random training crops, pixels after scaling
+    resize_to: int | None = Field(None, ge=32)  # alternative to crops: resize whole images
+    repeats: int = Field(4, ge=1)  # crops drawn from each training image per epoch
+    foreground_crop_p: float = Field(0.5, ge=0.0, le=1.0)  # share of crops centred on a cell
+    # Microns per pixel of the source images at scale 1.0, recorded in checkpoints so scoring
+    # can match slide resolution. None records "unknown".
+    mpp: float | None = Field(None, gt=0.0)
+    augment: AugmentConfig = AugmentConfig()
+    split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _crop_or_resize(self) -> "DataConfig":
+        if self.crop_size is not None and self.resize_to is not None:
+            raise ValueError("set crop_size or resize_to, not both (the other to null)")
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES if self.label_mode == "full" else 2
+
+
+class TeacherConfig(Section):
+    # ResNeXt-101 32x8d: about 90 M parameters, as strong as the method's > 80 M teacher.
+    encoder: str = "resnext101_32x8d"
+    encoder_weights: str | None = None  # "imagenet" downloads weights; None needs no network
+    output_stride: Literal[8, 16] = 16
+    decoder_channels: int = Field(256, ge=8)
+
+
+class StudentConfig(Section):
+    embed_dim: int = Field(64, ge=8)  # four stages: 64, 128, 256, 512 channels
+    depths: list[int] = [1, 1, 2, 1]  # Double Swin blocks per stage
+    num_heads: list[int] = [2, 4, 8, 16]
+    window_size: int = Field(8, ge=1)  # 8 divides the 128/64/32/16 maps of a 512 input
+    mlp_ratio: float = Field(2.0, gt=0.0)
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    gate_hidden: int = Field(8, ge=1)
+    compressor_reduction: int = Field(4, ge=1)
+    decoder_channels: list[int] = [128, 64, 32]
+
+
+class ModelConfig(Section):
+    in_channels: int = 3
+    input_size: int = 512  # nominal input side, used for MAC counts and window sizing
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+
+
+class LossConfig(Section):
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of cross-entropy; 1 - alpha goes to Dice
+    dice_smooth: float = Field(1.0, ge=0.0)
+
+
+class DistillConfig(Section):
+    temperature: float = Field(4.0, gt=0.0)
+    soft_weight: float = Field(0.5, ge=0.0)
+    feature_weight: float = Field(0.3, ge=0.0)
+    seg_weight: float = Field(0.2, ge=0.0)
+    feature_level: Literal["encoder", "decoder"] = "decoder"
+    teacher_checkpoint: str | None = None  # directory or s3:// URI; the demo fills it in
+
+
+class OptimConfig(Section):
+    epochs: int = Field(200, ge=1)
+    batch_size_per_worker: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    val_every: int = Field(2, ge=1)  # epochs between validations (and checkpoints)
+    plateau_patience: int = Field(3, ge=0)  # validations without gain before the LR drops
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    early_stop_patience: int = Field(8, ge=1)  # validations without gain before stopping
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    max_minutes: float | None = Field(None, gt=0.0)  # wall-clock budget; stops after a validation
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start a local Ray on 127.0.0.1 (or join RAY_ADDRESS)
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only; None uses every core
+
+
+class RunConfig(Section):
+    name: str = Field("cervi-ray", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: str = "runs"  # local folder for reports, metrics and overlays
+    storage_path: str | None = None  # Ray checkpoints: local path or s3://; None: <output_dir>/ray
+    storage_endpoint_url: str | None = None  # S3-compatible endpoint, e.g. a MinIO server
+    max_failures: int = Field(2, ge=-1)  # worker failures to recover from before giving up
+    checkpoints_to_keep: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    split: Literal["train", "val", "test"] = "test"
+    n_boot: int = Field(1000, ge=0)  # bootstrap replicates for per-image confidence intervals
+    overlays: int = Field(4, ge=0)  # overlay PNGs written per evaluation set
+    latency_runs: int = Field(5, ge=1)  # forward passes timed per model for time per image
+
+
+class Config(Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    teacher_train: OptimConfig = OptimConfig()
+    student_train: OptimConfig = OptimConfig()
+    distill: DistillConfig = DistillConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    ray: RayConfig = RayConfig()
+    run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir).resolve() / self.run.name
+
+    @property
+    def splits_file(self) -> Path:
+        if self.data.split.file is not None:
+            return Path(self.data.split.file).resolve()
+        return Path(self.run.output_dir).resolve() / "splits.json"
+
+    @property
+    def storage_path(self) -> str:
+        if self.run.storage_path is not None:
+            return self.run.storage_path
+        return str(Path(self.run.output_dir).resolve() / "ray")
+
+    def data_root(self) -> Path:
+        """Resolve the data folder: data.root, else $CERVI_RAY_DATA, else ../shared/data."""
+        root = self.data.root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT
+        path = Path(root).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(
+                f"data folder {path} not found: set data.root in the config or the "
+                f"{DATA_ROOT_ENV} environment variable to the folder that holds the datasets"
+            )
+        return path
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, true, [1, 2])."""
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw_value)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {location}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any], origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"invalid {origin}:\n{_describe(e)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config and apply `section.key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; the examples are in configs/")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must contain a mapping of sections, got {type(tree).__name__}")
+    for override in overrides or []:
+        _apply_override(tree, override)
+    return config_from_dict(tree, origin=f"config {path}")
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(config))

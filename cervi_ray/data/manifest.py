@@ -1,0 +1,232 @@
+"""Manifests: one table row per image, enough on its own to load the sample.
+
+A manifest is built from a list of sources (name, reader kind, path), saved as Parquet and
+read back by training and evaluation jobs. Paths in it are absolute.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cervi_ray.data import readers_folder, readers_isbi
+from cervi_ray.data.labels import ANNOTATIONS
+from cervi_ray.data.sample import ImageRecord, Sample
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = (
+    "id",
+    "source",
+    "kind",
+    "image_path",
+    "mask_path",
+    "mask_index",
+    "group",
+    "split",
+    "annotation",
+    "height",
+    "width",
+    "value_map",
+)
+SPLITS = ("train", "val", "test")
+SOURCE_KEYS = ("name", "kind", "path", "split", "group_pattern", "value_map", "annotation")
+
+_LISTERS: dict[str, Callable[[Path], list[ImageRecord]]] = {
+    "isbi2015": readers_isbi.list_isbi2015,
+    "isbi2014_train45": readers_isbi.list_isbi2014_train45,
+    "isbi2014_test90": readers_isbi.list_isbi2014_test90,
+    "isbi2014_edf_real": readers_isbi.list_isbi2014_edf_real,
+}
+_LOADERS: dict[str, Callable[[Mapping[str, Any]], Sample]] = {
+    "isbi2015": readers_isbi.load_isbi2015,
+    "isbi2014_train45": readers_isbi.load_isbi2014_train45,
+    "isbi2014_test90": readers_isbi.load_isbi2014_test90,
+    "isbi2014_edf_real": readers_isbi.load_isbi2014_edf_real,
+    "folder": readers_folder.load_folder,
+}
+# Annotation of the fixed-layout kinds. Folder sources choose theirs.
+_KIND_ANNOTATIONS = {
+    "isbi2015": "full",
+    "isbi2014_train45": "full",
+    "isbi2014_test90": "full",
+    "isbi2014_edf_real": "nucleus",
+}
+KINDS = tuple(_LOADERS)
+_LAYOUTS = {**readers_isbi.LAYOUTS, "folder": readers_folder.LAYOUT}
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _LOADERS:
+        raise ValueError(f"Unknown source kind {kind!r}. Supported kinds: {', '.join(KINDS)}")
+
+
+def _resolve_options(
+    kind: str, group_pattern: str | None, value_map: Any, annotation: str | None
+) -> tuple[str, str]:
+    """Check the kind-specific options and return (annotation, value_map JSON or "")."""
+    if kind != "folder":
+        for option, value in (("group_pattern", group_pattern), ("value_map", value_map)):
+            if value is not None:
+                raise ValueError(f"{option} applies only to kind 'folder', got {option}={value!r} for kind {kind!r}")
+        fixed = _KIND_ANNOTATIONS[kind]
+        if annotation is not None and annotation != fixed:
+            raise ValueError(f"Kind {kind!r} is annotated {fixed!r}, got annotation={annotation!r}. Omit annotation.")
+        return fixed, ""
+
+    annotation = "full" if annotation is None else annotation
+    if annotation not in ANNOTATIONS:
+        raise ValueError(f"annotation must be one of {ANNOTATIONS}, got {annotation!r}")
+    return annotation, readers_folder.value_map_to_json(value_map)
+
+
+def list_source(
+    kind: str,
+    path: str | Path,
+    source: str | None = None,
+    group_pattern: str | None = None,
+    value_map: Mapping[int, int] | str | None = None,
+    annotation: str | None = None,
+) -> pd.DataFrame:
+    """List the images of one source as manifest rows with split "" (not yet assigned).
+
+    Reads no pixels, only image headers. `source` (default: the kind) prefixes ids and groups,
+    so groups of different sources never collide. group_pattern, value_map and annotation
+    apply to kind "folder", because the ISBI kinds have a fixed layout and annotation.
+    """
+    _check_kind(kind)
+    source = kind if source is None else source
+    if not _SOURCE_NAME.fullmatch(source):
+        raise ValueError(f"Source name must contain only letters, digits, '_', '.' and '-', got {source!r}")
+    annotation, value_map_json = _resolve_options(kind, group_pattern, value_map, annotation)
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Source folder {path} not found. A {kind} source must contain {_LAYOUTS[kind]}.")
+    if kind == "folder":
+        records = readers_folder.list_folder(path, group_pattern)
+    else:
+        records = _LISTERS[kind](path)
+    if not records:
+        raise ValueError(f"Source folder {path} contains no images. A {kind} source must contain {_LAYOUTS[kind]}.")
+
+    rows = [
+        {
+            "id": f"{source}/{record.stem}",
+            "source": source,
+            "kind": kind,
+            "image_path": str(record.image_path.resolve()),
+            "mask_path": str(record.mask_path.resolve()),
+            "mask_index": record.mask_index,
+            "group": f"{source}/{record.group}",
+            "split": "",
+            "annotation": annotation,
+            "height": record.height,
+            "width": record.width,
+            "value_map": value_map_json,
+        }
+        for record in records
+    ]
+    logger.info("Listed %d images of source %s (%s) in %s", len(rows), source, kind, path)
+    return _typed(pd.DataFrame(rows, columns=list(COLUMNS)))
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    for column in ("mask_index", "height", "width"):
+        df[column] = df[column].astype("int64")
+    for column in set(COLUMNS) - {"mask_index", "height", "width"}:
+        df[column] = df[column].astype(str)
+    return df
+
+
+def _check_duplicate_ids(df: pd.DataFrame, where: str) -> None:
+    duplicated = df.loc[df["id"].duplicated(), "id"].unique().tolist()
+    if duplicated:
+        raise ValueError(
+            f"{where} has {len(duplicated)} duplicate ids, e.g. {duplicated[:5]}. Give each source a "
+            f"distinct name and each image within a source a distinct stem."
+        )
+
+
+def build_manifest(sources: Sequence[Mapping[str, Any]], root: str | Path) -> pd.DataFrame:
+    """List every source and concatenate the rows.
+
+    Each source is a dict with the keys name, kind and path (relative to `root` or absolute).
+    Optional keys are group_pattern, value_map, annotation and split. Split "auto" (the default)
+    leaves the rows to splits.py, and "train", "val" or "test" pins every row of the source.
+    """
+    if not sources:
+        raise ValueError("sources must list at least one source")
+    root = Path(root)
+    names: set[str] = set()
+    tables = []
+    for position, spec in enumerate(sources):
+        unknown = sorted(set(spec) - set(SOURCE_KEYS))
+        missing = [key for key in ("name", "kind", "path") if key not in spec]
+        if unknown or missing:
+            raise ValueError(
+                f"Source {position} ({spec.get('name', 'unnamed')}) has unknown keys {unknown} or lacks "
+                f"required keys {missing}. Allowed keys: {', '.join(SOURCE_KEYS)}"
+            )
+        name = spec["name"]
+        if name in names:
+            raise ValueError(f"Source name {name!r} appears twice. Give each source a distinct name.")
+        names.add(name)
+
+        split = spec.get("split", "auto")
+        if split != "auto" and split not in SPLITS:
+            raise ValueError(f"Source {name!r}: split must be 'auto' or one of {SPLITS}, got {split!r}")
+
+        table = list_source(
+            spec["kind"],
+            root / spec["path"],  # an absolute path replaces root
+            source=name,
+            group_pattern=spec.get("group_pattern"),
+            value_map=spec.get("value_map"),
+            annotation=spec.get("annotation"),
+        )
+        table["split"] = "" if split == "auto" else split
+        tables.append(table)
+
+    manifest = pd.concat(tables, ignore_index=True)
+    _check_duplicate_ids(manifest, "The manifest")
+    return manifest
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a manifest as Parquet, creating parent folders."""
+    _check_columns(df, "The manifest to write")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(path, index=False)
+    logger.debug("Wrote manifest of %d rows to %s", len(df), path)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest written by write_manifest and check its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Manifest {path} not found. Build one with build_manifest and write_manifest.")
+    df = pd.read_parquet(path)
+    _check_columns(df, f"Manifest {path}")
+    _check_duplicate_ids(df, f"Manifest {path}")
+    return _typed(df.reset_index(drop=True))
+
+
+def _check_columns(df: pd.DataFrame, table_name: str) -> None:
+    missing = [column for column in COLUMNS if column not in df.columns]
+    if missing:
+        raise ValueError(f"{table_name} lacks the columns {missing}. Rebuild it with build_manifest.")
+
+
+def load_sample(row: Mapping[str, Any]) -> Sample:
+    """Load the sample described by one manifest row, with the reader of row["kind"]."""
+    kind = row["kind"]
+    _check_kind(kind)
+    return _LOADERS[kind](row)

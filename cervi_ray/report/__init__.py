@@ -1,0 +1,1 @@
+"""Run reports: overlays, training curves and the Markdown summary."""

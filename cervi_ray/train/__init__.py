@@ -1,0 +1,1 @@
+"""Ray Train jobs: teacher training and distillation with checkpoints, resume and retries."""

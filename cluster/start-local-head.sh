@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Start a single-node Ray cluster on this machine, bound to 127.0.0.1, for `ray job submit`.
+# Usage: cluster/start-local-head.sh [NUM_CPUS]     Stop it with: .venv/bin/ray stop
+set -euo pipefail
+cd "$(dirname "$0")/.."
+num_cpus="${1:-$(nproc)}"
+.venv/bin/ray start --head \
+  --node-ip-address 127.0.0.1 \
+  --dashboard-host 127.0.0.1 \
+  --num-cpus "$num_cpus"
+echo "Submit jobs with: .venv/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/demo.py --config configs/baby.yaml"

@@ -1,0 +1,129 @@
+"""Ray Train on a local 127.0.0.1 cluster: 2 CPU workers, baby models, real data."""
+
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+
+from cervi_ray.checkpoint import load_model, read_meta
+from cervi_ray.pipeline import checkpoint_from_uri, prepare_data, run_pipeline
+from cervi_ray.train import loop as loop_module
+from cervi_ray.train.trainer import fit
+
+pytestmark = pytest.mark.ray
+
+
+def _rows(config):
+    return prepare_data(config).to_dict(orient="records")
+
+
+def _configure(config, **overrides):
+    """Copy of config with section.key overrides, e.g. teacher_train__epochs=4."""
+    tree = config.model_dump(mode="json")
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        tree[section][name] = value
+    return type(config).model_validate(tree)
+
+
+def test_teacher_loss_decreases_on_two_workers(ray_cluster, baby_config):
+    config = _configure(
+        baby_config, teacher_train__epochs=5, teacher_train__val_every=5, data__repeats=4,
+        run__name="loss-drops",
+    )
+    outcome = fit(config, "teacher", _rows(config))
+
+    losses = [entry["train_loss"] for entry in outcome.history]
+    assert [entry["epoch"] for entry in outcome.history] == [1, 2, 3, 4, 5]
+    assert losses[-1] < losses[0], f"training loss did not drop: {losses}"
+    with outcome.best_checkpoint.as_directory() as folder:
+        model, meta = load_model(folder)
+    assert meta["model_kind"] == "teacher"
+    assert meta["config"]["scaling"]["num_workers"] == 2
+
+
+def test_relaunch_resumes_epoch_count(ray_cluster, baby_config):
+    config = _configure(baby_config, teacher_train__epochs=2, run__name="resume")
+    rows = _rows(config)
+    first = fit(config, "teacher", rows)
+    assert [entry["epoch"] for entry in first.history] == [1, 2]
+
+    # Same run name and storage path, more epochs: continues at epoch 3 instead of starting over.
+    longer = _configure(config, teacher_train__epochs=4)
+    second = fit(longer, "teacher", rows)
+    with second.latest_checkpoint.as_directory() as folder:
+        meta = read_meta(folder)
+    assert [entry["epoch"] for entry in second.history] == [1, 2, 3, 4]
+    assert meta["epoch"] == 4
+    assert meta["metrics"]["resumed_from_epoch"] == 2
+    assert second.history[0]["train_loss"] == first.history[0]["train_loss"]
+
+
+def test_worker_failure_restarts_from_checkpoint(ray_cluster, baby_config, tmp_path):
+    config = _configure(baby_config, teacher_train__epochs=3, run__name="flaky", run__max_failures=1)
+    marker = tmp_path / "failed-once"
+
+    def flaky_loop(loop_config):
+        # Fail every worker right after the first checkpoint, once per run.
+        original = loop_module._report_with_checkpoint
+
+        def report_then_fail(*args, **kwargs):
+            original(*args, **kwargs)
+            if not marker.exists():
+                marker.touch()
+                raise RuntimeError("injected worker failure")
+
+        loop_module._report_with_checkpoint = report_then_fail
+        loop_module.train_loop_per_worker(loop_config)
+
+    outcome = fit(config, "teacher", _rows(config), loop=flaky_loop)
+
+    assert marker.exists()
+    with outcome.latest_checkpoint.as_directory() as folder:
+        meta = read_meta(folder)
+    assert [entry["epoch"] for entry in outcome.history] == [1, 2, 3]
+    assert meta["metrics"]["resumed_from_epoch"] >= 1
+
+
+def test_checkpoints_in_s3(ray_cluster, baby_config, s3_server):
+    bucket = "cervi-ray-test"
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=bucket)
+    config = _configure(
+        baby_config, teacher_train__epochs=1, run__name="s3",
+        run__storage_path=f"s3://{bucket}/ray", run__storage_endpoint_url=s3_server,
+    )
+    outcome = fit(config, "teacher", _rows(config))
+
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix="ray/s3-teacher/")["Contents"]]
+    assert any(key.endswith("/model.safetensors") for key in keys)
+    assert any(key.endswith("/meta.json") for key in keys)
+
+    # The same checkpoint, addressed by URI as a user would pass it to evaluate or distill.
+    uri = f"s3://{outcome.best_checkpoint.path}"
+    with checkpoint_from_uri(uri, s3_server).as_directory() as folder:
+        model, meta = load_model(folder)
+    assert meta["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(ray_cluster, baby_config):
+    report = run_pipeline(baby_config)
+
+    run_dir = report.parent
+    text = report.read_text()
+    assert "EDF real images, nucleus Dice" in text
+    assert "| teacher |" in text and "| student |" in text
+    for name in ("teacher", "student"):
+        metrics = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
+        assert metrics["sets"]["isbi2014_edf_real"]["pixel"]["nucleus"]["dice"] is not None
+        assert metrics["sets"]["isbi2015"]["pixel"]["cell"]["dice"] is not None
+        assert metrics["complexity"]["parameters"] > 0
+        assert list((run_dir / "eval" / name / "overlays").rglob("*.png"))
+    assert (run_dir / "curves_teacher.png").stat().st_size > 0
+    assert (run_dir / "curves_student.png").stat().st_size > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    student_history = summary["training"]["student"]
+    assert student_history["epochs_run"] == baby_config.student_train.epochs
+    assert Path(run_dir / "manifest.parquet").is_file()
