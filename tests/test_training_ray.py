@@ -59,6 +59,12 @@ def test_relaunch_resumes_epoch_count(ray_cluster, baby_config):
     assert meta["metrics"]["resumed_from_epoch"] == 2
     assert second.history[0]["train_loss"] == first.history[0]["train_loss"]
 
+    # Relaunching a finished run trains nothing more and returns the same checkpoints.
+    third = fit(longer, "teacher", rows)
+    assert [entry["epoch"] for entry in third.history] == [1, 2, 3, 4]
+    assert third.latest_checkpoint.path == second.latest_checkpoint.path
+    assert third.best_checkpoint.path == second.best_checkpoint.path
+
 
 def test_worker_failure_restarts_from_checkpoint(ray_cluster, baby_config, tmp_path):
     config = _configure(baby_config, teacher_train__epochs=3, run__name="flaky", run__max_failures=1)
@@ -114,7 +120,8 @@ def test_pipeline_end_to_end(ray_cluster, baby_config):
     run_dir = report.parent
     text = report.read_text()
     assert "EDF real images, nucleus Dice" in text
-    assert "| teacher |" in text and "| student |" in text
+    assert "| teacher |" in text
+    assert "| student |" in text
     for name in ("teacher", "student"):
         metrics = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
         assert metrics["sets"]["isbi2014_edf_real"]["pixel"]["nucleus"]["dice"] is not None

@@ -152,9 +152,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = _restore(folder, model, optimizer, scheduler, state)
         if rank == 0:
             logger.info("%s: resuming after epoch %d from %s", task, state["epoch"], checkpoint.path)
-        if state["stopped"] == "early_stop":
+        if _finished(state, optim_config):
             if rank == 0:
-                logger.info("%s: the run already stopped early at epoch %d; nothing to do", task, state["epoch"])
+                logger.info(
+                    "%s: the run already stopped at epoch %d (%s); nothing to do. Raise the epochs "
+                    "or max_minutes, or choose another run.name, to train further.",
+                    task, state["epoch"], state["stopped"] or "epoch limit",
+                )
             return
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
 
@@ -207,6 +211,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         if stop:
             break
+
+
+def _finished(state: dict[str, Any], optim_config) -> bool:
+    """True when a restored run has nothing left to do under the current limits."""
+    if state["stopped"] == "early_stop" or state["epoch"] >= optim_config.epochs:
+        return True
+    budget = optim_config.max_minutes
+    return state["stopped"] == "time_budget" and budget is not None and state["train_seconds"] >= 60 * budget
 
 
 def _report_with_checkpoint(rank, metrics, model, optimizer, scheduler, meta_base, state, distilling):
