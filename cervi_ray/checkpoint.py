@@ -7,6 +7,13 @@ Layout of a checkpoint folder:
   meta.json             model kind, classes, resolved config, training resolution, code version,
                         epoch, best validation Dice and the metric history
 
+Pruned models: callers describe pruning in the meta dict they pass to save_checkpoint. A
+structurally pruned model needs meta["pruned_shapes"] = parameter_shapes(model)
+(cervi_ray.models.reshape), because its layers are smaller than the config builds. load_model
+then rebuilds those layers before loading the weights. meta["pruning"] may hold a description
+such as {"kind": "magnitude", "sparsity": 0.5} or the summary of prune_student_structured; it is
+stored as given. Magnitude-pruned models keep their shapes and need neither key.
+
 Nothing here executes code from the files it loads: weights come from safetensors and the
 optimizer state through torch.load(weights_only=True), which rejects pickled objects.
 """
@@ -25,6 +32,7 @@ import cervi_ray
 from cervi_ray.config import Config, config_from_dict
 from cervi_ray.data.labels import CLASS_NAMES
 from cervi_ray.models import ModelKind, build_model
+from cervi_ray.models.reshape import parameter_shapes, reshape_to
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
+PRUNED_SHAPES_KEY = "pruned_shapes"
 
 
 def code_version() -> str:
@@ -68,6 +77,8 @@ def describe_model(config: Config, kind: ModelKind) -> dict[str, Any]:
             "scale": data.scale,
             "source_mpp": data.mpp,
             "mpp": None if data.mpp is None else data.mpp / data.scale,
+            "source_magnification": data.magnification,
+            "magnification": None if data.magnification is None else data.magnification * data.scale,
         },
         "config": config.model_dump(mode="json"),
         "code_version": code_version(),
@@ -87,7 +98,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
 ) -> Path:
+    """Write the model weights, optional adapter and optimizer state, and `meta` to `folder`.
+
+    When meta has "pruned_shapes", they must equal parameter_shapes(model), so that load_model
+    rebuilds exactly this model. Raises ValueError when they differ.
+    """
     folder = Path(folder)
+    if PRUNED_SHAPES_KEY in meta:
+        _check_pruned_shapes(unwrap(model), meta[PRUNED_SHAPES_KEY])
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(unwrap(model).state_dict()), str(folder / MODEL_FILE))
     if adapter is not None:
@@ -99,6 +117,23 @@ def save_checkpoint(
         torch.save(state, folder / TRAINING_STATE_FILE)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False, default=_json_default))
     return folder
+
+
+def _check_pruned_shapes(model: nn.Module, pruned_shapes: dict[str, list[int]]) -> None:
+    if not isinstance(pruned_shapes, dict):
+        raise ValueError(
+            f"meta[{PRUNED_SHAPES_KEY!r}] must be a dict from parameter_shapes(model), got "
+            f"{type(pruned_shapes).__name__}"
+        )
+    actual = parameter_shapes(model)
+    saved = {key: list(shape) for key, shape in pruned_shapes.items()}
+    if saved != actual:
+        differing = [key for key in actual if saved.get(key) != actual[key]]
+        differing += [key for key in saved if key not in actual]
+        raise ValueError(
+            f"meta[{PRUNED_SHAPES_KEY!r}] does not match the model being saved ({len(differing)} "
+            f"entries differ, first: {differing[:3]}); set it to parameter_shapes(model) after pruning"
+        )
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,15 +169,22 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network described by a checkpoint folder and load its weights (eval mode)."""
+    """Rebuild the network described by a checkpoint folder and load its weights (eval mode).
+
+    A structurally pruned model (meta has "pruned_shapes") is built from the config and then
+    reshaped to the saved layer sizes with cervi_ray.models.reshape.reshape_to.
+    """
     folder = Path(folder)
     meta = read_meta(folder)
     config = config_from_dict(meta["config"], origin=f"config stored in {folder / META_FILE}")
     model = build_model(meta["model_kind"], config.model, meta["num_classes"])
+    if PRUNED_SHAPES_KEY in meta:
+        reshape_to(model, meta[PRUNED_SHAPES_KEY])
     weights_path = folder / MODEL_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {MODEL_FILE}")
     state = remap_state_dict(load_file(str(weights_path)), meta)
+    _check_weight_shapes(model, state, weights_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -150,6 +192,18 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
             f"{META_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.to(device).eval(), meta
+
+
+def _check_weight_shapes(model: nn.Module, state: dict[str, torch.Tensor], weights_path: Path) -> None:
+    """Raise ValueError naming the first saved tensor whose shape differs from the model's."""
+    model_state = model.state_dict()
+    for key, value in state.items():
+        if key in model_state and value.shape != model_state[key].shape:
+            raise ValueError(
+                f"{key} in {weights_path} has shape {list(value.shape)}, but the model built from "
+                f"{META_FILE} has {list(model_state[key].shape)}. Weights of a structurally pruned "
+                f"model need meta[{PRUNED_SHAPES_KEY!r}] = parameter_shapes(model) when saved."
+            )
 
 
 def remap_state_dict(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -41,6 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("train", "val", "test"), help="split to evaluate (else eval.split)")
     evaluate.add_argument("--output", help="output folder (default <run dir>/evaluate)")
 
+    cv = commands.add_parser("cv", help="k-fold cross-validation sweep on Ray Tune (restores an interrupted one)")
+    _add_common(cv)
+
+    prune = commands.add_parser("prune", help="pruning search on Ray Tune: sparsities and a structured variant")
+    _add_common(prune)
+    prune.add_argument(
+        "--student", help="student checkpoint folder or s3:// URI (default: best of the <run.name>-student run)"
+    )
+    prune.add_argument(
+        "--teacher", help="teacher checkpoint for distillation while fine-tuning (default: best of <run.name>-teacher)"
+    )
+
+    ablation = commands.add_parser("ablation", help="train and evaluate every row of the method's ablation table")
+    _add_common(ablation)
+
     manifest = commands.add_parser("manifest", help="build the manifest and the splits file, print counts")
     _add_common(manifest)
 
@@ -94,6 +109,56 @@ def cmd_evaluate(config: Config, args: argparse.Namespace) -> None:
     print(f"metrics: {output / 'model' / 'metrics.json'}")
 
 
+def cmd_cv(config: Config, args: argparse.Namespace) -> None:
+    from cervi_ray.data.splits import read_splits
+    from cervi_ray.pipeline import prepare_data
+    from cervi_ray.train.trainer import ensure_ray
+    from cervi_ray.tune.cv import run_cv, write_cv_outputs
+
+    records = prepare_data(config).to_dict(orient="records")
+    ensure_ray(config.ray)
+    table, summary = run_cv(config, records, read_splits(config.splits_file))
+    paths = write_cv_outputs(config.run_dir / "cv" / config.cv.name, table, summary)
+    print(paths["markdown"].read_text())
+    print(f"fold table: {paths['folds']}\nsummary: {paths['summary']}\nbest parameters: {paths['best']}")
+
+
+def cmd_prune(config: Config, args: argparse.Namespace) -> None:
+    from cervi_ray.pipeline import best_checkpoint_of_run, checkpoint_from_uri, prepare_data
+    from cervi_ray.train.trainer import ensure_ray
+    from cervi_ray.tune.prune import run_prune_search, write_prune_outputs
+
+    endpoint = config.run.storage_endpoint_url
+    student_uri = args.student or config.prune.student_checkpoint
+    teacher_uri = args.teacher or config.prune.teacher_checkpoint
+    # Default: the best checkpoints of this run name's demo training runs.
+    student = checkpoint_from_uri(student_uri, endpoint) if student_uri else best_checkpoint_of_run(config, "student")
+    teacher = checkpoint_from_uri(teacher_uri, endpoint) if teacher_uri else best_checkpoint_of_run(config, "teacher")
+    if student is None:
+        raise ConfigError(
+            f"no student checkpoint: run the demo with run.name={config.run.name!r} first, or pass "
+            "--student CHECKPOINT (or set prune.student_checkpoint)"
+        )
+    if teacher is None and config.prune.distill:
+        raise ConfigError(
+            "prune.distill is on but no teacher checkpoint was found: pass --teacher CHECKPOINT "
+            "or set prune.distill=false"
+        )
+    rows = prepare_data(config).to_dict(orient="records")
+    ensure_ray(config.ray)
+    table, selection = run_prune_search(config, rows, student, teacher)
+    paths = write_prune_outputs(config.run_dir / "prune" / config.prune.name, table, selection)
+    print(paths["markdown"].read_text())
+    print(json.dumps(selection, indent=2, default=str))
+
+
+def cmd_ablation(config: Config, args: argparse.Namespace) -> None:
+    from cervi_ray.ablation import run_ablation
+
+    path = run_ablation(config)
+    print(path.read_text())
+
+
 def cmd_manifest(config: Config, args: argparse.Namespace) -> None:
     from cervi_ray.pipeline import prepare_data, split_counts
 
@@ -124,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(config, args, "teacher" if args.command == "train-teacher" else "student")
         elif args.command == "evaluate":
             cmd_evaluate(config, args)
+        elif args.command == "cv":
+            cmd_cv(config, args)
+        elif args.command == "prune":
+            cmd_prune(config, args)
+        elif args.command == "ablation":
+            cmd_ablation(config, args)
         elif args.command == "manifest":
             cmd_manifest(config, args)
         elif args.command == "complexity":

@@ -81,6 +81,9 @@ class DataConfig(Section):
     # Microns per pixel of the source images at scale 1.0, recorded in checkpoints so scoring
     # can match slide resolution. None records "unknown".
     mpp: float | None = Field(None, gt=0.0)
+    # Nominal objective magnification of the source images at scale 1.0 (e.g. 40 for the
+    # ISBI images), recorded when the pixel size is not known. None records "unknown".
+    magnification: float | None = Field(None, gt=0.0)
     augment: AugmentConfig = AugmentConfig()
     split: SplitConfig = SplitConfig()
 
@@ -118,11 +121,19 @@ class StudentConfig(Section):
     decoder_channels: list[int] = [128, 64, 32]
 
 
+class BaselineConfig(Section):
+    """Encoder of the U-Net, U-Net++ and DeepLabV3 baselines (segmentation_models_pytorch)."""
+
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None
+
+
 class ModelConfig(Section):
     in_channels: int = 3
     input_size: int = 512  # nominal input side, used for MAC counts and window sizing
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
+    baselines: BaselineConfig = BaselineConfig()
 
 
 class LossConfig(Section):
@@ -174,11 +185,86 @@ class RunConfig(Section):
     seed: int = 0
 
 
+TTA_TRANSFORMS = ("identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose")
+TTAName = Literal["identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"]
+ModelKindName = Literal["teacher", "student", "unet", "unetplusplus", "deeplabv3"]
+
+
 class EvalConfig(Section):
     split: Literal["train", "val", "test"] = "test"
+    tta: list[TTAName] = list(TTA_TRANSFORMS)  # views averaged by test-time augmentation
     n_boot: int = Field(1000, ge=0)  # bootstrap replicates for per-image confidence intervals
     overlays: int = Field(4, ge=0)  # overlay PNGs written per evaluation set
     latency_runs: int = Field(5, ge=1)  # forward passes timed per model for time per image
+
+
+class ScoringConfig(Section):
+    """Batch scoring of slide archives with Ray Data (the `score` command)."""
+
+    input: str | None = None  # folder or s3://bucket/prefix of slides
+    manifest: str | None = None  # optional file listing the slides to score
+    checkpoint: str | None = None  # model checkpoint folder or s3:// URI
+    output: str | None = None  # folder or s3://bucket/prefix for the Parquet datasets
+    endpoint_url: str | None = None  # S3-compatible endpoint for input and output
+    tile_size: int = Field(512, ge=32)  # tile side in pixels at the model's resolution
+    overlap: int = Field(64, ge=0)  # pixels shared by neighbouring tiles
+    min_tissue_fraction: float = Field(0.05, ge=0.0, le=1.0)  # tiles with less foreground are skipped
+    model_mpp: float | None = Field(None, gt=0.0)  # override for checkpoints without a resolution
+    slide_mpp: float | None = Field(None, gt=0.0)  # override for slides without MPP or objective power
+    tta: list[TTAName] = ["identity", "hflip", "vflip"]
+    batch_size: int = Field(24, ge=1)  # images per model forward, counted after TTA expansion
+    inference_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    cpus_per_reader: float = Field(1.0, gt=0.0)
+    write_masks: bool = False  # store each tile's label mask as PNG bytes
+    top_k: int = Field(10, ge=1)  # most suspicious tiles listed per slide
+
+
+class SweepResources(Section):
+    cpus_per_trial: int = Field(1, ge=1)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    # Trials running at once; with 1 CPU per trial, 2 fill a 2-core machine.
+    max_concurrent_trials: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)  # retries of a crashed trial from its last checkpoint
+
+
+class CVConfig(SweepResources):
+    """k-fold cross-validation on Ray Tune: one trial per fold (times the parameter grid)."""
+
+    name: str = Field("cv", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # teacher, student (supervised), distill (student taught by the teacher sweep's fold
+    # checkpoint) or a baseline architecture.
+    task: Literal["teacher", "student", "distill", "unet", "unetplusplus", "deeplabv3"] = "teacher"
+    folds: list[int] | None = None  # default: every fold of data.split.folds
+    sources: list[str] | None = None  # restrict the sweep to these sources; None: all
+    teacher_sweep: str | None = None  # task distill: name of the teacher sweep to learn from
+    # Extra grid crossed with the folds: {"teacher_train.lr": [1e-3, 5e-4]}.
+    param_grid: dict[str, list[Any]] = {}
+
+
+class PruneConfig(SweepResources):
+    """Pruning search on Ray Tune: magnitude sparsities and a structured variant, each fine-tuned."""
+
+    name: str = Field("prune", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    sparsities: list[float] = [0.2, 0.4, 0.6, 0.8]  # global magnitude-pruning candidates
+    tolerance: float = Field(0.02, ge=0.0)  # allowed drop of validation Dice (absolute)
+    include_norm: bool = False  # prune normalisation weights too
+    include_output: bool = False  # prune the output classifier too
+    structured_keep_ratio: float | None = Field(0.5, gt=0.0, le=1.0)  # None: no structured trial
+    distill: bool = True  # keep the distillation loss on while fine-tuning
+    finetune: OptimConfig = OptimConfig(
+        epochs=6, lr=1e-4, val_every=2, plateau_patience=1, early_stop_patience=3
+    )
+    student_checkpoint: str | None = None  # folder or s3:// URI; the ablation job fills it in
+    teacher_checkpoint: str | None = None
+
+
+class AblationConfig(Section):
+    """The method's ablation table: student variants, the teacher and smp baselines."""
+
+    name: str = Field("ablation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    baselines: list[Literal["unet", "unetplusplus", "deeplabv3"]] = ["unet", "unetplusplus", "deeplabv3"]
 
 
 class Config(Section):
@@ -192,6 +278,10 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
+    cv: CVConfig = CVConfig()
+    prune: PruneConfig = PruneConfig()
+    ablation: AblationConfig = AblationConfig()
+    scoring: ScoringConfig = ScoringConfig()
 
     @property
     def run_dir(self) -> Path:

@@ -18,6 +18,7 @@ from cervi_ray.data.dataset import load_eval_pair, to_tensor
 from cervi_ray.data.labels import BACKGROUND, CYTOPLASM, NUCLEUS
 from cervi_ray.metrics import SegmentationMetrics
 from cervi_ray.report.overlays import save_overlay
+from cervi_ray.tta import predict_with_tta, validate_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +27,27 @@ logger = logging.getLogger(__name__)
 Predictor = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
 
 
-def model_predictor(model: torch.nn.Module, label_mode: str, device: str | torch.device = "cpu") -> Predictor:
-    """Predictor that runs `model` on the whole image and upsamples logits to native size."""
+def model_predictor(
+    model: torch.nn.Module,
+    label_mode: str,
+    device: str | torch.device = "cpu",
+    tta: Sequence[str] | None = None,
+) -> Predictor:
+    """Predictor that runs `model` on the whole image and upsamples scores to native size.
+
+    With `tta`, the views named there are averaged as softmax probabilities (cervi_ray.tta);
+    without it the logits of the single view are used. The argmax is the same either way for
+    a single view, because softmax keeps the order of the scores.
+    """
     model = model.to(device).eval()
+    transforms = validate_transforms(tta) if tta else None
 
     @torch.no_grad()
     def predict(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         x = to_tensor(image).unsqueeze(0).to(device)  # (h, w, 3) -> (1, 3, h, w)
-        logits = model(x)  # (1, K, h, w)
-        logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        labels = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)  # (H, W)
+        scores = model(x) if transforms is None else predict_with_tta(model, x, transforms).probs  # (1, K, h, w)
+        scores = torch.nn.functional.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+        labels = scores.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)  # (H, W)
         if label_mode == "nucleus":
             labels = np.where(labels == 1, NUCLEUS, BACKGROUND).astype(np.uint8)
         return labels

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs as pafs
 import ray.train
 import torch
 
@@ -83,6 +84,32 @@ def checkpoint_from_uri(uri: str, endpoint_url: str | None = None) -> ray.train.
     if filesystem is None and not Path(path).is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} not found")
     return ray.train.Checkpoint(path, filesystem=filesystem)
+
+
+def best_checkpoint_of_run(config: Config, label: str) -> ray.train.Checkpoint | None:
+    """Best checkpoint (highest validation Dice) of the finished run `<run.name>-<label>`.
+
+    Reads the checkpoint folders in storage directly, so no trainer has to start. Returns None
+    when the run has no checkpoint.
+    """
+    root, filesystem = resolve_storage(config.storage_path, config.run.storage_endpoint_url)
+    filesystem = filesystem or pafs.LocalFileSystem()
+    run_path = f"{root.rstrip('/')}/{config.run.name}-{label}"
+    selector = pafs.FileSelector(run_path, allow_not_found=True)
+    best, best_dice = None, float("-inf")
+    for info in filesystem.get_file_info(selector):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with filesystem.open_input_stream(f"{info.path}/meta.json") as stream:
+                meta = json.loads(stream.read())
+        except (OSError, json.JSONDecodeError):
+            logger.warning("skipping %s: unreadable meta.json", info.path)
+            continue
+        dice = meta.get("metrics", {}).get("val_dice", float("-inf"))
+        if dice > best_dice:
+            best, best_dice = info.path, dice
+    return None if best is None else ray.train.Checkpoint(best, filesystem=filesystem)
 
 
 def run_baselines(eval_sets: dict[str, list[dict]], n_boot: int) -> dict[str, dict]:

@@ -118,3 +118,18 @@ def test_report_tables_format_values():
     assert table[2] == "| student | 0.500 | 0.250 | 0.750 | 1.000 | 0.500 | 0.600 | 0.300 [0.200, 0.400] |"
     lines = headline_lines({"student": {"isbi2014_edf_real": result}})
     assert lines == ["- EDF real images, nucleus Dice: student 0.250"]
+
+
+def test_ablation_section_replaces_earlier(tmp_path):
+    from cervi_ray.ablation import add_to_report
+
+    report = tmp_path / "report.md"
+    report.write_text("# run\n\ntext\n")
+    add_to_report(report, "# Ablation: demo\n\n| a |\n")
+    add_to_report(report, "# Ablation: demo\n\n| b |\n")
+    text = report.read_text()
+    assert text.count("## Ablation") == 1
+    assert "| b |" in text
+    assert "| a |" not in text
+    add_to_report(tmp_path / "absent.md", "# Ablation\n")  # no report yet: nothing written
+    assert not (tmp_path / "absent.md").exists()

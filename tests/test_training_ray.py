@@ -7,7 +7,8 @@ import boto3
 import pytest
 
 from cervi_ray.checkpoint import load_model, read_meta
-from cervi_ray.pipeline import checkpoint_from_uri, prepare_data, run_pipeline
+from cervi_ray.pipeline import best_checkpoint_of_run, checkpoint_from_uri, prepare_data, run_pipeline
+from cervi_ray.train import engine as engine_module
 from cervi_ray.train import loop as loop_module
 from cervi_ray.train.trainer import fit
 
@@ -59,6 +60,11 @@ def test_relaunch_resumes_epoch_count(ray_cluster, baby_config):
     assert meta["metrics"]["resumed_from_epoch"] == 2
     assert second.history[0]["train_loss"] == first.history[0]["train_loss"]
 
+    # The prune command finds the same best checkpoint by reading the run's folders.
+    found = best_checkpoint_of_run(longer, "teacher")
+    assert Path(found.path) == Path(second.best_checkpoint.path)
+    assert best_checkpoint_of_run(longer, "no-such-run") is None
+
     # Relaunching a finished run trains nothing more and returns the same checkpoints.
     third = fit(longer, "teacher", rows)
     assert [entry["epoch"] for entry in third.history] == [1, 2, 3, 4]
@@ -72,7 +78,7 @@ def test_worker_failure_restarts_from_checkpoint(ray_cluster, baby_config, tmp_p
 
     def flaky_loop(loop_config):
         # Fail every worker right after the first checkpoint, once per run.
-        original = loop_module._report_with_checkpoint
+        original = engine_module._report_with_checkpoint
 
         def report_then_fail(*args, **kwargs):
             original(*args, **kwargs)
@@ -80,7 +86,7 @@ def test_worker_failure_restarts_from_checkpoint(ray_cluster, baby_config, tmp_p
                 marker.touch()
                 raise RuntimeError("injected worker failure")
 
-        loop_module._report_with_checkpoint = report_then_fail
+        engine_module._report_with_checkpoint = report_then_fail
         loop_module.train_loop_per_worker(loop_config)
 
     outcome = fit(config, "teacher", _rows(config), loop=flaky_loop)

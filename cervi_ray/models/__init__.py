@@ -4,11 +4,12 @@ from typing import Literal
 
 from cervi_ray.config import ModelConfig
 from cervi_ray.models.adapter import FeatureAdapter, StudentWithAdapter
+from cervi_ray.models.baselines import BASELINE_ARCHS, BaselineSegmenter
 from cervi_ray.models.student import CerviSegNet
 from cervi_ray.models.teacher import DeepLabV3PlusTeacher
 
-ModelKind = Literal["teacher", "student"]
-MODEL_KINDS = ("teacher", "student")
+ModelKind = Literal["teacher", "student", "unet", "unetplusplus", "deeplabv3"]
+MODEL_KINDS = ("teacher", "student", *BASELINE_ARCHS)
 
 
 def build_teacher(config: ModelConfig, num_classes: int) -> DeepLabV3PlusTeacher:
@@ -46,10 +47,16 @@ def build_model(kind: ModelKind, config: ModelConfig, num_classes: int):
         return build_teacher(config, num_classes)
     if kind == "student":
         return build_student(config, num_classes)
+    if kind in BASELINE_ARCHS:
+        baseline = config.baselines
+        return BaselineSegmenter(
+            kind, num_classes, baseline.encoder, baseline.encoder_weights, config.in_channels
+        )
     raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
 
 
 __all__ = [
+    "BaselineSegmenter",
     "CerviSegNet",
     "DeepLabV3PlusTeacher",
     "FeatureAdapter",

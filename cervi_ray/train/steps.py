@@ -5,7 +5,7 @@ initialised (Ray Train sets one up), so the same functions run in tests and note
 """
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +47,12 @@ def train_one_epoch(
     seg_loss: SegmentationLoss,
     distill: DistillParts | None = None,
     grad_clip: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Run one pass over `loader`; returns loss means averaged over every rank's batches."""
+    """Run one pass over `loader`; returns loss means averaged over every rank's batches.
+
+    `after_step` runs after every optimizer step, e.g. to keep pruned weights at zero.
+    """
     model.train()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, soft, feature, seg, batches
     for batch in loader:
@@ -77,6 +81,8 @@ def train_one_epoch(
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step()
 
         sums += torch.tensor([float(p) for p in parts] + [1.0], dtype=torch.float64, device=device)
 

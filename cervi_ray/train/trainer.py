@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 from cervi_ray.checkpoint import read_meta
 from cervi_ray.config import Config, RayConfig
 from cervi_ray.storage import resolve_storage
+from cervi_ray.train.engine import TrainingJob
 from cervi_ray.train.loop import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -52,19 +53,30 @@ class TrainingOutcome:
     best_metrics: dict[str, Any]
 
 
-def run_name(config: Config, task: Task) -> str:
-    return f"{config.run.name}-{task}"
+def standard_job(config: Config, task: Task) -> TrainingJob:
+    """The demo's two jobs: supervised teacher training, and distillation into the student."""
+    if task == "teacher":
+        return TrainingJob(label="teacher", model_kind="teacher", optim=config.teacher_train)
+    if task == "student":
+        return TrainingJob(label="student", model_kind="student", distill=True, optim=config.student_train)
+    raise ValueError(f"task must be 'teacher' or 'student', got {task!r}")
+
+
+def run_name(config: Config, job: TrainingJob) -> str:
+    return f"{config.run.name}-{job.label}"
 
 
 def build_trainer(
     config: Config,
-    task: Task,
+    job: TrainingJob | Task,
     rows: list[dict],
     teacher_checkpoint: ray.train.Checkpoint | None = None,
     loop: Callable[[dict], None] = train_loop_per_worker,
 ) -> TorchTrainer:
-    """TorchTrainer for `task`; `loop` replaces the worker function (tests wrap it to inject faults)."""
-    if task == "student" and teacher_checkpoint is None:
+    """TorchTrainer for `job`; `loop` replaces the worker function (tests wrap it to inject faults)."""
+    if isinstance(job, str):
+        job = standard_job(config, job)
+    if job.distill and teacher_checkpoint is None:
         raise ValueError(
             "distillation needs a trained teacher: set distill.teacher_checkpoint to a teacher "
             "checkpoint folder or s3:// URI, or run the demo, which trains one first"
@@ -73,7 +85,7 @@ def build_trainer(
     scaling = config.scaling
     loop_config = {
         "config": config.model_dump(mode="json"),
-        "task": task,
+        "job": job.model_dump(mode="json"),
         "rows": rows,
         "teacher_checkpoint": teacher_checkpoint,
     }
@@ -87,7 +99,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             # Relaunching with the same name and storage path resumes from its latest checkpoint.
-            name=run_name(config, task),
+            name=run_name(config, job),
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
@@ -102,21 +114,23 @@ def build_trainer(
 
 def fit(
     config: Config,
-    task: Task,
+    job: TrainingJob | Task,
     rows: list[dict],
     teacher_checkpoint: ray.train.Checkpoint | None = None,
     loop: Callable[[dict], None] = train_loop_per_worker,
 ) -> TrainingOutcome:
     """Run (or resume) training and return its best and latest checkpoints."""
     ensure_ray(config.ray)
-    trainer = build_trainer(config, task, rows, teacher_checkpoint, loop)
-    return outcome_from_result(trainer.fit(), task)
+    if isinstance(job, str):
+        job = standard_job(config, job)
+    trainer = build_trainer(config, job, rows, teacher_checkpoint, loop)
+    return outcome_from_result(trainer.fit(), job.label)
 
 
-def outcome_from_result(result: ray.train.Result, task: Task) -> TrainingOutcome:
+def outcome_from_result(result: ray.train.Result, label: str) -> TrainingOutcome:
     if result.checkpoint is None:
         raise RuntimeError(
-            f"{task} training finished without reporting a checkpoint; check the worker logs "
+            f"{label} training finished without reporting a checkpoint; check the worker logs "
             "above for the first error"
         )
     best_checkpoint, best_metrics = max(

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps: k-fold cross-validation and the pruning search."""
