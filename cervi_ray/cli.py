@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cervi_ray.config import Config, ConfigError, load_config
+from cervi_ray.data import catalog
 
 logger = logging.getLogger("cervi_ray")
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ablation = commands.add_parser("ablation", help="train and evaluate every row of the method's ablation table")
     _add_common(ablation)
+
+    datasets = commands.add_parser("datasets", help="list the supported datasets, or verify a download's SHA-256")
+    catalog.add_arguments(datasets)
 
     manifest = commands.add_parser("manifest", help="build the manifest and the splits file, print counts")
     _add_common(manifest)
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
     try:
+        if args.command == "datasets":  # needs no config
+            catalog.run(args)
+            return 0
         config = load_config(args.config, args.overrides)
         if args.command == "demo":
             cmd_demo(config, args)

@@ -28,7 +28,10 @@ class Section(BaseModel):
 
 class SourceConfig(Section):
     name: str
-    kind: Literal["isbi2015", "isbi2014_train45", "isbi2014_test90", "isbi2014_edf_real", "folder"]
+    kind: Literal[
+        "isbi2015", "isbi2014_train45", "isbi2014_test90", "isbi2014_edf_real", "folder",
+        "dtu_herlev", "sipakmed", "cx22",
+    ]
     path: str  # relative to data.root, or absolute
     # "auto" joins the seeded group split; "test" (or train/val) pins every image of the
     # source, e.g. an evaluation-only set.
@@ -36,6 +39,11 @@ class SourceConfig(Section):
     group_pattern: str | None = None  # folder kind: regex whose first group names the group
     value_map: dict[int, int] | None = None  # folder kind: mask pixel value -> label
     annotation: Literal["full", "nucleus"] | None = None  # folder kind: "nucleus" for nuclei-only masks
+    # dtu_herlev kind: segmentation colour ("#RRGGBB", quoted in YAML, or "R,G,B") -> label.
+    # None uses the reader's DEFAULT_COLOUR_MAP.
+    colour_map: dict[str, int] | None = None
+    # cx22 kind: MATLAB variable name of each role ("images", "cells", "nuclei"). None uses the defaults.
+    mat_variables: dict[str, str] | None = None
 
 
 class SplitConfig(Section):

@@ -1,0 +1,278 @@
+"""Reader for Cx22: cervical cytology images with cytoplasm and nucleus instance labels in MATLAB files.
+
+Sources:
+- The dataset repository https://github.com/LGQ330/Cx22 (README at commit 010285c). Each label
+  archive Cx22-Pair, Cx22-Multi-Train or Cx22-Multi-Test unpacks to cyto/cyto_clumps.mat,
+  cyto/cyto_ins.mat, cyto/cyto_ins_bbox.mat, nuc/nuc_clumps.mat, nuc/nuc_ins.mat,
+  nuc/nuc_ins_bbox.mat, generator/ImageDataGenerator.m (with ImageDataNames.mat,
+  ROIs_W_H.mat and ROIs_x_y.mat), CellNum.mat and OverlapRatio.mat. The images are not in
+  the archives: ImageDataGenerator.m crops them from the separately downloaded CCEDD source
+  images and saves generator/ImageDataSet.mat, which "records the images corresponding to
+  the labels". Terms: non-commercial research and educational use only.
+- The paper's abstract (Liu et al., "Cx22: A new publicly available dataset for deep
+  learning-based segmentation of cervical cytology images", Computers in Biology and
+  Medicine 150:106194, 2022): 14,946 cell instances in 1,320 images.
+
+Point a source at one unpacked archive that also contains generator/ImageDataSet.mat. This
+reader uses the instance files only, because the clump labels are unions of instances.
+
+Assumed where the README is silent, taken from third-party code that reads the real files:
+- The variable names are ImageDataSet, cyto_ins and nuc_ins (the source option
+  mat_variables overrides them).
+- Each is an N x 1 cell array whose entry i belongs to image i. An image entry is an
+  H x W x 3 uint8 array. A label entry is a cell array of H x W masks, one per instance.
+  An H x W label image or an H x W x N stack of masks is read too.
+- A cytoplasm instance covers its whole cell, nucleus included.
+NOTE: the same third-party code reads the label files with h5py because they are MATLAB
+v7.3 (HDF5) files. scipy.io reads only v5 and v7 files, and h5py is not a dependency of
+cervi_ray, so v7.3 files fail here with an error that explains how to convert them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.io
+from scipy.io.matlab import MatReadError, matfile_version
+
+from cervi_ray.data.readers_isbi import semantic_mask
+from cervi_ray.data.readers_public import label_instances, reader_options, sample_meta
+from cervi_ray.data.sample import ImageRecord, Sample, check_binary_mask, check_mask_size
+
+logger = logging.getLogger(__name__)
+
+KIND = "cx22"
+FILES = {
+    "images": "generator/ImageDataSet.mat",
+    "cells": "cyto/cyto_ins.mat",
+    "nuclei": "nuc/nuc_ins.mat",
+}
+LAYOUT = (
+    f"{FILES['cells']}, {FILES['nuclei']} and {FILES['images']} (written by the dataset's "
+    f"generator/ImageDataGenerator.m from the CCEDD source images)"
+)
+DEFAULT_MAT_VARIABLES = {"images": "ImageDataSet", "cells": "cyto_ins", "nuclei": "nuc_ins"}
+
+_MATLAB_V73 = (2, 0)  # scipy's matfile_version of HDF5-based MATLAB files
+
+
+# Options.
+
+
+def resolve_options(mat_variables: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return the reader options stored in the manifest: the variable names, defaults filled in."""
+    names = dict(DEFAULT_MAT_VARIABLES)
+    if mat_variables is None:
+        return {"mat_variables": names}
+    if not isinstance(mat_variables, Mapping):
+        raise ValueError(f"mat_variables must be a mapping such as {DEFAULT_MAT_VARIABLES}, got {mat_variables!r}")
+    unknown = sorted(set(mat_variables) - set(DEFAULT_MAT_VARIABLES))
+    if unknown:
+        raise ValueError(
+            f"mat_variables keys must be among {sorted(DEFAULT_MAT_VARIABLES)}, got {unknown}. "
+            f"Each key names the variable of one file: {FILES}."
+        )
+    for role, name in mat_variables.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"mat_variables[{role!r}] must be a MATLAB variable name, got {name!r}")
+        names[role] = name
+    return {"mat_variables": names}
+
+
+def _variable_names(row: Mapping[str, Any]) -> dict[str, str]:
+    return resolve_options(reader_options(row).get("mat_variables"))["mat_variables"]
+
+
+# MATLAB files.
+
+
+def _check_mat_file(path: Path) -> None:
+    """Raise unless `path` is a MATLAB v5/v7 file that scipy.io can read."""
+    if not path.is_file():
+        raise FileNotFoundError(f"MATLAB file {path} not found. A {KIND} source must contain {LAYOUT}.")
+    try:
+        version = matfile_version(str(path))
+    except (MatReadError, ValueError, OSError) as e:
+        raise ValueError(f"Cannot read MATLAB file {path}: {e}. Replace it with a complete copy.") from e
+    if version == _MATLAB_V73:
+        raise ValueError(
+            f"MATLAB file {path} is a v7.3 (HDF5) file, which scipy.io cannot read, and h5py is not a "
+            f"dependency of cervi_ray. Convert it in MATLAB with s = load(FILE); save(FILE, '-struct', 's', "
+            f"'-v7'), which works for variables under 2 GB."
+        )
+
+
+@functools.lru_cache(maxsize=3)
+def _load_variable(path: str, name: str) -> np.ndarray:
+    # A v5/v7 .mat file cannot be read one cell entry at a time, so each variable is loaded
+    # whole, once per process, and kept for the next samples.
+    # NOTE: the cache keeps the three variables of one source in memory. Estimate for all of Cx22:
+    # 14,946 cells x 2 masks x 512 x 512 bytes is about 8 GB, split over the three archives.
+    logger.debug("Loading %s from %s", name, path)
+    try:
+        contents = scipy.io.loadmat(path, variable_names=[name])
+    except (MatReadError, ValueError, OSError) as e:
+        raise ValueError(f"Cannot read MATLAB file {path}: {e}. Replace it with a complete copy.") from e
+    if name not in contents:
+        present = sorted(variable for variable, _, _ in scipy.io.whosmat(path))
+        raise ValueError(
+            f"MATLAB file {path} has no variable {name!r}, got the variables {present}. Set mat_variables "
+            f"in the source config to the right name."
+        )
+    return contents[name].reshape(-1)  # (N, 1) or (1, N) cell array -> (N,)
+
+
+def _entry_count(path: Path, name: str) -> int:
+    """Read the number of entries of variable `name` from the file header."""
+    shapes = {variable: shape for variable, shape, _ in scipy.io.whosmat(str(path))}
+    if name not in shapes:
+        raise ValueError(
+            f"MATLAB file {path} must contain the variable {name!r}, got the variables {sorted(shapes)}. "
+            f"Set mat_variables in the source config to the right name."
+        )
+    return int(np.prod(shapes[name]))
+
+
+# Entries.
+
+
+def _image_entry(entry: Any, where: str) -> np.ndarray:
+    """Check one image entry and return it as an (H, W, 3) uint8 array."""
+    image = np.asarray(entry)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(
+            f"{where} must be an H x W x 3 or H x W uint8 image, got shape {image.shape} and dtype "
+            f"{image.dtype}. Check mat_variables['images'] and that the file was written by "
+            f"ImageDataGenerator.m."
+        )
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
+    return np.ascontiguousarray(image)
+
+
+def _instance_masks(entry: Any, where: str, image: np.ndarray, image_where: str) -> np.ndarray:
+    """Return one label entry as (N, H, W) bool instance masks."""
+    height, width = image.shape[:2]
+    value = np.asarray(entry)
+
+    if value.dtype == object:
+        # A cell array of H x W masks. MATLAB's empty [] entries contain no instance.
+        masks = []
+        for index, element in enumerate(value.reshape(-1)):
+            mask = np.asarray(element)
+            if mask.size == 0:
+                continue
+            element_where = f"{where}, instance {index + 1}"
+            check_mask_size(image, image_where, mask, element_where)
+            masks.append(check_binary_mask(mask, element_where))
+        return np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
+
+    if value.ndim == 2 and value.size > 0:
+        check_mask_size(image, image_where, value, where)
+        # A label image: each positive value is one instance (a binary mask gives one).
+        ids = [v for v in np.unique(value) if v > 0]
+        return np.stack([value == v for v in ids]) if ids else np.zeros((0, height, width), dtype=bool)
+
+    if value.ndim == 3:
+        check_mask_size(image, image_where, value, where)
+        # (H, W, N) -> (N, H, W)
+        return np.stack([check_binary_mask(value[:, :, k], where) for k in range(value.shape[2])])
+
+    raise ValueError(
+        f"{where} must be a cell array of H x W masks, an H x W label image or an H x W x N stack of "
+        f"masks, got shape {value.shape} and dtype {value.dtype}. Check mat_variables."
+    )
+
+
+# Listing and loading.
+
+
+def _paths(root: Path) -> dict[str, Path]:
+    return {role: root / relative for role, relative in FILES.items()}
+
+
+def list_cx22(path: Path, options: Mapping[str, Any]) -> list[ImageRecord]:
+    """List the entries of ImageDataSet.mat, with mask_index the entry index in every file.
+
+    Reads the image variable to record each image's size, and keeps it cached for loading.
+    """
+    path = Path(path)
+    names = resolve_options(options.get("mat_variables"))["mat_variables"]
+    paths = _paths(path)
+    for role in FILES:
+        _check_mat_file(paths[role])
+
+    counts = {role: _entry_count(paths[role], names[role]) for role in FILES}
+    if len(set(counts.values())) != 1:
+        listed = ", ".join(f"{paths[role]} ({names[role]}): {counts[role]}" for role in FILES)
+        raise ValueError(
+            f"Cx22 files must hold one entry per image, got different entry counts: {listed}. Use the "
+            f"ImageDataSet.mat generated for this label archive."
+        )
+
+    images = _load_variable(str(paths["images"].resolve()), names["images"])
+    records = []
+    for index, entry in enumerate(images):
+        height, width = _image_entry(entry, f"{paths['images']} entry {index + 1}").shape[:2]
+        stem = f"{index + 1:04d}"  # 1-based like MATLAB, zero-padded so ids sort in entry order
+        records.append(
+            ImageRecord(
+                stem=stem,
+                image_path=paths["images"],
+                mask_path=paths["cells"],
+                height=height,
+                width=width,
+                # NOTE: several Cx22 images can be crops of one CCEDD source image (named in
+                # ImageDataNames.mat, a MATLAB string array scipy cannot read), so such crops
+                # may land in different splits.
+                group=stem,
+                mask_index=index,
+            )
+        )
+    return records
+
+
+def _nuclei_path(cells_path: Path) -> Path:
+    # cells_path is <root>/cyto/cyto_ins.mat, so the nuclei file is <root>/nuc/nuc_ins.mat.
+    return cells_path.parents[1] / FILES["nuclei"]
+
+
+def load_cx22(row: Mapping[str, Any]) -> Sample:
+    """Load image entry row["mask_index"] with its cytoplasm and nucleus instances."""
+    images_path = Path(row["image_path"])
+    cells_path = Path(row["mask_path"])
+    nuclei_path = _nuclei_path(cells_path)
+    index = int(row["mask_index"])
+    names = _variable_names(row)
+
+    entries = {}
+    for role, path in (("images", images_path), ("cells", cells_path), ("nuclei", nuclei_path)):
+        _check_mat_file(path)
+        variable = _load_variable(str(path.resolve()), names[role])
+        if not 0 <= index < len(variable):
+            raise ValueError(
+                f"Mask index {index} of {row['id']} is out of range: {path} contains {len(variable)} entries. "
+                f"Rebuild the manifest."
+            )
+        entries[role] = variable[index]
+
+    entry_name = f"entry {index + 1}"
+    image_where = f"{images_path} {entry_name}"
+    image = _image_entry(entries["images"], image_where)
+    cells = _instance_masks(entries["cells"], f"{cells_path} {entry_name}", image, image_where)
+    nuclei = _instance_masks(entries["nuclei"], f"{nuclei_path} {entry_name}", image, image_where)
+
+    return Sample(
+        id=str(row["id"]),
+        image=image,
+        mask=semantic_mask(cells, nuclei.any(axis=0)),
+        annotation="full",
+        cell_instances=cells,
+        nucleus_instances=label_instances(nuclei),
+        meta=sample_meta(row),
+    )
