@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cervi_ray.config import Config, ConfigError, load_config
 from cervi_ray.data import catalog
+from cervi_ray.scoring import command as scoring_command
 
 logger = logging.getLogger("cervi_ray")
 
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     complexity = commands.add_parser("complexity", help="print parameters and MACs of teacher and student")
     _add_common(complexity)
+
+    score = commands.add_parser("score", help="score a slide archive with Ray Data: per-tile and per-slide Parquet, heatmaps")
+    _add_common(score)
+    scoring_command.add_arguments(score)
     return parser
 
 
@@ -206,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_manifest(config, args)
         elif args.command == "complexity":
             cmd_complexity(config, args)
+        elif args.command == "score":
+            scoring_command.run(config, args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -227,6 +227,23 @@ class ScoringConfig(Section):
     cpus_per_reader: float = Field(1.0, gt=0.0)
     write_masks: bool = False  # store each tile's label mask as PNG bytes
     top_k: int = Field(10, ge=1)  # most suspicious tiles listed per slide
+    # Tiles per read task; small enough that the tiles of one large slide spread over many tasks.
+    tiles_per_read_task: int = Field(16, ge=1)
+    # Longer side of the heatmap's thumbnail, and the smallest foreground image (large slides get
+    # a finer one, about 16 pixels per tile side).
+    thumbnail_size: int = Field(1024, ge=64)
+    # Remote TIFF: "range" reads only the tiles needed, "download" copies the file first. Remote
+    # OpenSlide formats (SVS, NDPI, MRXS, ...) are always downloaded.
+    remote_access: Literal["range", "download"] = "range"
+    cache_dir: str | None = None  # downloaded slides; None: <system temp>/cervi_ray_slides
+    # Log level of cervi_ray loggers inside Ray tasks and actors; WARNING keeps the driver log quiet.
+    worker_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> "ScoringConfig":
+        if self.overlap >= self.tile_size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than tile_size ({self.tile_size})")
+        return self
 
 
 class SweepResources(Section):
