@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cervi_ray.config import Config, ConfigError, load_config
 from cervi_ray.data import catalog
+from cervi_ray.export import command as export_command
 from cervi_ray.scoring import command as scoring_command
 
 logger = logging.getLogger("cervi_ray")
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ablation = commands.add_parser("ablation", help="train and evaluate every row of the method's ablation table")
     _add_common(ablation)
+
+    export = commands.add_parser("export", help="write a self-describing model bundle with ONNX files")
+    _add_common(export)
+    export_command.add_arguments(export)
 
     datasets = commands.add_parser("datasets", help="list the supported datasets, or verify a download's SHA-256")
     catalog.add_arguments(datasets)
@@ -207,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_prune(config, args)
         elif args.command == "ablation":
             cmd_ablation(config, args)
+        elif args.command == "export":
+            export_command.run(config, args)
         elif args.command == "manifest":
             cmd_manifest(config, args)
         elif args.command == "complexity":
