@@ -258,3 +258,23 @@ def test_hostile_slide_ids_stay_in_output(ray_cluster, baby_config, tmp_path):
     outside = [path for path in written if output not in path.parents and path != manifest]
     assert outside == []
     assert sorted(pd.read_parquet(output / "slides")["slide_id"]) == ["escape", "slide", "sub__dir__name"]
+
+
+def test_rerun_with_slide_mpp_rescores_failed(ray_cluster, baby_config, baby_checkpoint, real_slides, tmp_path):
+    output = tmp_path / "results"
+    first = configure(
+        baby_config, input=str(real_slides), checkpoint=str(baby_checkpoint), output=str(output),
+        tile_size=192, overlap=0,
+    )
+    # The EDF PNGs carry no resolution, so they fail; the SVS records its own.
+    assert score_archive(first).statuses == {"ok": 1, "failed": 2}
+
+    second = configure(
+        baby_config, input=str(real_slides), checkpoint=str(baby_checkpoint), output=str(output),
+        tile_size=192, overlap=0, slide_mpp=0.25,
+    )
+    report = score_archive(second)
+    assert report.slides_already_done == 1
+    assert report.statuses == {"ok": 2}
+    tiles, slides = read_dataset(str(output))
+    check_real_results(tiles, slides)

@@ -128,3 +128,16 @@ def test_mask_png_round_trip():
     labels = two_cells()
     decoded = cv2.imdecode(np.frombuffer(encode_mask_png(labels), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(decoded, labels)
+
+
+def test_bare_nucleus_left_out_of_ratios():
+    # a 4 x 4 nucleus with no cytoplasm next to a cell whose N/C is 16 / 100
+    labels = np.zeros((30, 40), dtype=np.uint8)
+    labels[5:9, 5:9] = NUCLEUS
+    labels[10:20, 20:30] = CYTOPLASM
+    labels[13:17, 23:27] = NUCLEUS
+    stats = tile_statistics(labels, None, (0, 0, 40, 30), mpp=1.0)
+    assert stats.nucleus_count == 2
+    assert stats.nc_ratio_max == pytest.approx(0.16)
+    assert stats.nc_ratio_mean == pytest.approx(0.16)
+    assert stats.owned_nc_ratios == [pytest.approx(0.16)]

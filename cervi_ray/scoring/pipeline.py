@@ -216,10 +216,13 @@ def score_archive(config: Config, model: nn.Module | None = None, model_meta: di
     model_name, model_version = model_names(meta, digest)
     label_mode = meta.get("label_mode", "full")
     store = OutputStore(scoring.output, scoring.endpoint_url)
+    # scoring.slide_mpp is left out: it only fills in slides without resolution metadata, each
+    # slide's summary records the pixel size it used and where it came from, and setting it is
+    # how a rerun rescores the slides that failed for lack of metadata.
     store.check_run({
         "model_name": model_name, "model_version": model_version, "model_mpp": model_mpp.mpp,
         "tile_size": scoring.tile_size, "overlap": scoring.overlap, "min_tissue_fraction": scoring.min_tissue_fraction,
-        "slide_mpp": scoring.slide_mpp, "tta": list(scoring.tta), "thumbnail_size": scoring.thumbnail_size,
+        "tta": list(scoring.tta), "thumbnail_size": scoring.thumbnail_size,
     })
 
     # Slides, minus those an earlier run completed.

@@ -5,7 +5,9 @@ flooding the distance to the nearest nucleus, so each cytoplasm pixel joins the 
 nucleus it is connected to. Cytoplasm with no nucleus in its connected area belongs to no cell.
 
 The N/C ratio of a cell is its nucleus area divided by its whole area (nucleus plus
-cytoplasm), a value in (0, 1] that is 1 for a bare nucleus.
+cytoplasm), a value in (0, 1). A bare nucleus, whose watershed cell holds no cytoplasm (a naked
+nucleus, debris, or a cell whose cytoplasm the model missed), has no measurable ratio: it counts
+as a nucleus but is left out of the N/C statistics, where a ratio of 1 would dominate the max.
 
 The suspicion score is a screening heuristic to rank tiles for review, not a validated
 diagnostic:
@@ -117,16 +119,19 @@ def tile_statistics(
         inside = (centroids[:, 1] >= x0) & (centroids[:, 1] < x1) & (centroids[:, 0] >= y0) & (centroids[:, 0] < y1)
         owned[1:] = inside
 
-    # N/C ratios of complete cells.
+    # N/C ratios of complete cells that have cytoplasm (bare nuclei stay NaN).
     ratios = np.full(count + 1, np.nan)
     if has_cytoplasm and count:
-        ratios[1:] = nucleus_area[1:] / np.maximum(cell_area[1:], 1.0)
+        with_cytoplasm = cell_area[1:] > nucleus_area[1:]
+        ratios[1:][with_cytoplasm] = nucleus_area[1:][with_cytoplasm] / cell_area[1:][with_cytoplasm]
     measured = ratios[complete]
+    measured = measured[np.isfinite(measured)]
     if has_cytoplasm and measured.size:
         nc_mean, nc_max = float(measured.mean()), float(measured.max())
     else:
         nc_mean = nc_max = float("nan")
     owned_ratios = ratios[complete & owned] if has_cytoplasm else np.empty(0)
+    owned_ratios = owned_ratios[np.isfinite(owned_ratios)]
 
     # TTA disagreement over the foreground, or over the whole tile when it has none.
     if disagreement is None:
