@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean-runs
+.PHONY: demo test test-fast install clean-runs chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) jobs/demo.py --config configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# tests/test_review.py renders the HTML review pages in headless Chromium (Debian's package).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		echo "installing Chromium for the HTML rendering tests"; \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) || \
+		{ echo "Chromium is missing and could not be installed: run 'apt-get install chromium' as root"; exit 1; }; \
+	fi
 
 # Everything except the Ray tests: about a minute.
 test-fast: $(STAMP)

@@ -9,6 +9,7 @@ from pathlib import Path
 from cervi_ray.config import Config, ConfigError, load_config
 from cervi_ray.data import catalog
 from cervi_ray.export import command as export_command
+from cervi_ray.review import command as review_command
 from cervi_ray.scoring import command as scoring_command
 
 logger = logging.getLogger("cervi_ray")
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     complexity = commands.add_parser("complexity", help="print parameters and MACs of teacher and student")
     _add_common(complexity)
+
+    review = commands.add_parser(
+        "review", help="QuPath GeoJSON and HTML review pages for scored slides, or a run's HTML report"
+    )
+    _add_common(review)
+    review_command.add_arguments(review)
 
     score = commands.add_parser("score", help="score a slide archive with Ray Data: per-tile and per-slide Parquet, heatmaps")
     _add_common(score)
@@ -220,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_complexity(config, args)
         elif args.command == "score":
             scoring_command.run(config, args)
+        elif args.command == "review":
+            review_command.run(config, args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
