@@ -5,6 +5,7 @@ The real datasets are not available on the test machines, so the tests build the
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import scipy.io
 from PIL import Image
@@ -116,8 +117,16 @@ def cx22_instances() -> tuple[list, list]:
     return cells, nuclei
 
 
-def write_cx22(root: Path, names=("ImageDataSet", "cyto_ins", "nuc_ins"), cells=None, nuclei=None) -> Path:
-    """Write generator/ImageDataSet.mat, cyto/cyto_ins.mat and nuc/nuc_ins.mat as MATLAB v5 files."""
+def write_cx22(
+    root: Path, names=("ImageDataSet", "cyto_ins", "nuc_ins"), cells=None, nuclei=None, version: str = "7"
+) -> Path:
+    """Write generator/ImageDataSet.mat, cyto/cyto_ins.mat and nuc/nuc_ins.mat.
+
+    version "7" writes MATLAB v5-format files with scipy.io (what save -v7 writes), and "7.3" writes
+    HDF5-based files in MATLAB's v7.3 layout with write_mat_v73.
+    """
+    if version not in ("7", "7.3"):
+        raise ValueError(f"version must be '7' or '7.3', got {version!r}")
     default_cells, default_nuclei = cx22_instances()
     cells = default_cells if cells is None else cells
     nuclei = default_nuclei if nuclei is None else nuclei
@@ -130,5 +139,67 @@ def write_cx22(root: Path, names=("ImageDataSet", "cyto_ins", "nuc_ins"), cells=
     }
     for relative, (name, value) in contents.items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        scipy.io.savemat(root / relative, {name: value}, do_compression=True)
+        if version == "7.3":
+            write_mat_v73(root / relative, {name: value})
+        else:
+            scipy.io.savemat(root / relative, {name: value}, do_compression=True)
     return root
+
+
+# MATLAB v7.3 files, as tbeu/matio src/mat73.c reads and writes them: HDF5 with a 512-byte user
+# block that starts with the MATLAB header. Each variable is a dataset with a MATLAB_class attribute
+# and its dimensions reversed, because MATLAB stores arrays column-major: an H x W x 3 image is an
+# HDF5 dataset of shape (3, W, H). A cell array is a dataset of object references to its elements,
+# which live in the group "#refs#". Logical arrays are stored as uint8 with MATLAB_class "logical".
+# An empty array stores its MATLAB size as its data and has the attribute MATLAB_empty = 1.
+
+MATLAB_V73_HEADER = (
+    b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
+).ljust(116) + bytes(8) + b"\x00\x02IM"  # text, subsystem offset, version 0x0200, endian indicator
+
+MATLAB_CLASSES = {
+    np.dtype(np.float64): "double",
+    np.dtype(np.float32): "single",
+    np.dtype(np.uint8): "uint8",
+    np.dtype(np.uint16): "uint16",
+    np.dtype(np.int32): "int32",
+    np.dtype(bool): "logical",
+}
+
+
+def write_mat_v73(path: Path, variables: dict) -> None:
+    """Write `variables` (numeric arrays and object arrays as cell arrays) as a MATLAB v7.3 file."""
+    with h5py.File(path, "w", userblock_size=512) as file:
+        refs = file.create_group("#refs#")
+        for name, value in variables.items():
+            _write_v73_value(file, refs, value, name)
+    with open(path, "r+b") as handle:
+        handle.write(MATLAB_V73_HEADER)
+
+
+def _write_v73_value(group: h5py.Group, refs: h5py.Group, value: np.ndarray, name: str | None = None) -> h5py.Dataset:
+    """Write `value` as dataset `name` of `group`, or under the next free name in "#refs#" if name is None."""
+    value = np.asarray(value)
+    if value.size == 0:
+        # MATLAB stores an empty array as its size, marked by MATLAB_empty.
+        matlab_class = "cell" if value.dtype == object else MATLAB_CLASSES[value.dtype]
+        dataset = group.create_dataset(name or str(len(refs)), data=np.array(value.shape, dtype=np.uint64))
+        dataset.attrs["MATLAB_class"] = np.bytes_(matlab_class)
+        dataset.attrs["MATLAB_empty"] = np.uint8(1)
+        return dataset
+
+    if value.dtype == object:
+        references = np.empty(value.shape, dtype=h5py.ref_dtype)
+        for position in np.ndindex(value.shape):
+            references[position] = _write_v73_value(refs, refs, value[position]).ref
+        dataset = group.create_dataset(name or str(len(refs)), data=references.T)  # MATLAB (d1, d2) -> HDF5 (d2, d1)
+        dataset.attrs["MATLAB_class"] = np.bytes_("cell")
+        return dataset
+
+    matlab_class = MATLAB_CLASSES[value.dtype]
+    stored = value.astype(np.uint8) if value.dtype == bool else value
+    dataset = group.create_dataset(name or str(len(refs)), data=stored.T, compression="gzip")  # (H, W, 3) -> (3, W, H)
+    dataset.attrs["MATLAB_class"] = np.bytes_(matlab_class)
+    if matlab_class == "logical":
+        dataset.attrs["MATLAB_int_decode"] = np.int32(1)
+    return dataset

@@ -113,8 +113,8 @@ DATASETS: tuple[DatasetInfo, ...] = (
         checked_on_real_files=False,
         note=(
             "The archives contain labels only. Run generator/ImageDataGenerator.m in MATLAB on the CCEDD "
-            "images to write ImageDataSet.mat. MATLAB v7.3 files must be re-saved with -v7. Non-commercial "
-            "use only."
+            "images to write ImageDataSet.mat. MATLAB v7.3 (HDF5) and v7 files are both read directly. "
+            "Non-commercial use only."
         ),
     ),
 )
