@@ -292,6 +292,18 @@ class AblationConfig(Section):
     baselines: list[Literal["unet", "unetplusplus", "deeplabv3"]] = ["unet", "unetplusplus", "deeplabv3"]
 
 
+class TrackingConfig(Section):
+    """Experiment tracking of training runs, sweep trials, the demo and scoring (cervi_ray.tracking)."""
+
+    enabled: bool = True  # false: no MLflow runs and no TensorBoard files
+    # None: a local SQLite store at <run.output_dir>/mlruns/mlflow.db, artifacts beside it. Rank 0
+    # of each training run writes to it from its own node, so on a multi-node cluster set a
+    # tracking server URI (http://...) that every node reaches.
+    mlflow_tracking_uri: str | None = Field(None, min_length=1)
+    experiment_name: str = Field("cervi_ray", min_length=1)
+    tensorboard: bool = True  # event files under <run.output_dir>/tensorboard/<run name>
+
+
 class Config(Section):
     data: DataConfig
     model: ModelConfig = ModelConfig()
@@ -307,6 +319,7 @@ class Config(Section):
     prune: PruneConfig = PruneConfig()
     ablation: AblationConfig = AblationConfig()
     scoring: ScoringConfig = ScoringConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def run_dir(self) -> Path:

@@ -26,7 +26,8 @@ from cervi_ray.report.curves import plot_training_curves
 from cervi_ray.report.markdown import write_report
 from cervi_ray.storage import resolve_storage
 from cervi_ray.train.evaluate import evaluate_checkpoints, group_rows_by_source
-from cervi_ray.train.trainer import TrainingOutcome, ensure_ray, fit
+from cervi_ray.tracking import log_pipeline_outputs, pipeline_tracker
+from cervi_ray.train.trainer import TrainingOutcome, ensure_ray, fit, standard_job
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,18 @@ def run_baselines(eval_sets: dict[str, list[dict]], n_boot: int) -> dict[str, di
 
 
 def run_pipeline(config: Config) -> Path:
-    """Train the teacher, distil the student, evaluate both and write the report. Returns its path."""
+    """Train the teacher, distil the student, evaluate both and write the report. Returns its path.
+
+    With config.tracking on, the demo is an MLflow parent run: both training runs nest under it,
+    and the report, curves, summary and evaluation metrics are its artifacts.
+    """
+    with pipeline_tracker(config) as tracker:
+        report = _run_phases(config, tracker.run_id)
+        log_pipeline_outputs(tracker, config.run_dir)
+    return report
+
+
+def _run_phases(config: Config, tracking_parent_run_id: str | None) -> Path:
     started = time.monotonic()
     run_dir = config.run_dir
 
@@ -135,13 +147,17 @@ def run_pipeline(config: Config) -> Path:
 
     logger.info("[2/5] training the teacher (%s)", config.model.teacher.encoder)
     phase = time.monotonic()
-    teacher = fit(config, "teacher", rows)
+    jobs = {
+        task: standard_job(config, task).model_copy(update={"tracking_parent_run_id": tracking_parent_run_id})
+        for task in ("teacher", "student")
+    }
+    teacher = fit(config, jobs["teacher"], rows)
     training = {"teacher": training_summary(teacher, time.monotonic() - phase)}
     logger.info("teacher done: best val_dice %.4f", teacher.best_metrics.get("val_dice", float("nan")))
 
     logger.info("[3/5] distilling the student")
     phase = time.monotonic()
-    student = fit(config, "student", rows, teacher_checkpoint=teacher.best_checkpoint)
+    student = fit(config, jobs["student"], rows, teacher_checkpoint=teacher.best_checkpoint)
     training["student"] = training_summary(student, time.monotonic() - phase)
     logger.info("student done: best val_dice %.4f", student.best_metrics.get("val_dice", float("nan")))
 

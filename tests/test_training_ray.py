@@ -140,3 +140,27 @@ def test_pipeline_end_to_end(ray_cluster, baby_config):
     student_history = summary["training"]["student"]
     assert student_history["epochs_run"] == baby_config.student_train.epochs
     assert Path(run_dir / "manifest.parquet").is_file()
+
+    # The demo is one MLflow parent run with the two training runs nested under it, and each
+    # training run left TensorBoard scalars that TensorBoard's own reader opens.
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cervi_ray.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(baby_config))
+    experiment = client.get_experiment_by_name(baby_config.tracking.experiment_name)
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["baby", "baby-student", "baby-teacher"]
+    parent = runs["baby"]
+    assert parent.info.status == "FINISHED"
+    assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"report.md", "summary.json"}
+    for name in ("teacher", "student"):
+        run = runs[f"baby-{name}"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["task"] == name
+        history = client.get_metric_history(run.info.run_id, "val_dice")
+        assert [metric.step for metric in history] == list(range(1, summary["training"][name]["epochs_run"] + 1))
+        events = EventAccumulator(str(Path(baby_config.run.output_dir) / "tensorboard" / f"baby-{name}"))
+        events.Reload()
+        assert len(events.Scalars("val_dice")) == len(history)

@@ -32,6 +32,7 @@ from cervi_ray.scoring.stages import (
     summarise_tiles, worker_threads,
 )
 from cervi_ray.storage import resolve_storage
+from cervi_ray.tracking import scoring_metrics, scoring_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +197,16 @@ def score_archive(config: Config, model: nn.Module | None = None, model_meta: di
 
     `model` replaces the checkpoint, for tests with oracle models; then `model_meta` gives its
     description (training_resolution, label_mode, model_kind) as a checkpoint's meta.json would.
-    Starts or joins Ray (config.ray) when it is not running.
+    Starts or joins Ray (config.ray) when it is not running. With config.tracking on, the run's
+    counts and throughput go to an MLflow run named <run.name>-score.
     """
+    with scoring_tracker(config) as tracker:
+        report = _score_archive(config, model, model_meta)
+        tracker.log_metrics(scoring_metrics(report), step=0)
+    return report
+
+
+def _score_archive(config: Config, model: nn.Module | None, model_meta: dict[str, Any] | None) -> ScoringReport:
     from cervi_ray.train.trainer import ensure_ray  # imports Ray Train; only needed here
 
     scoring = config.scoring

@@ -39,6 +39,7 @@ from cervi_ray.data.manifest import load_sample
 from cervi_ray.losses import DistillationLoss, SegmentationLoss
 from cervi_ray.models import FeatureAdapter, StudentWithAdapter, build_model
 from cervi_ray.pruning.magnitude import enforce_masks, load_masks, save_masks
+from cervi_ray.tracking import TrackedSession, training_tracker
 from cervi_ray.train.steps import DistillParts, any_rank, train_one_epoch, validate
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,15 @@ class TrainingJob(BaseModel):
     initial_weights: str | None = None  # checkpoint folder to start from (fine-tuning)
     masks_file: str | None = None  # magnitude masks kept enforced after every step
     extra_meta: dict[str, Any] = {}  # copied into every checkpoint's meta.json
+    tracking_parent_run_id: str | None = None  # MLflow run to nest this run under (demo or sweep)
 
 
 class Session(Protocol):
-    """Host of the loop: a Ray Train worker, a Tune trial or a plain process."""
+    """Host of the loop: a Ray Train worker, a Tune trial or a plain process.
+
+    Optional members, read by cervi_ray.tracking.training_tracker: `mlflow_starter` and
+    `tracking_suffix`.
+    """
 
     rank: int
     world_size: int
@@ -163,7 +169,15 @@ def run_training(
     session: Session,
     teacher_dir: Path | None = None,
 ) -> None:
-    """Train `job` on the train rows, validate on the val rows, report through `session`."""
+    """Train `job` on the train rows, validate on the val rows, report through `session`.
+
+    With config.tracking on, rank 0 also records the run to MLflow and TensorBoard.
+    """
+    with training_tracker(config, job, session) as tracker:
+        _train(config, job, rows, TrackedSession(session, tracker), teacher_dir)
+
+
+def _train(config: Config, job: TrainingJob, rows: list[dict], session: Session, teacher_dir: Path | None) -> None:
     optim_config = job.optim
     rank, world_size, device = session.rank, session.world_size, session.device
     seed = config.run.seed + 1000 * rank

@@ -1,6 +1,7 @@
 """The Ray Train worker function: a `Session` over ray.train around the shared engine."""
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,42 @@ from cervi_ray.train.engine import TrainingJob, run_training
 
 logger = logging.getLogger(__name__)
 
+MLFLOW_RUN_ID_ENV = "MLFLOW_RUN_ID"  # read by mlflow.start_run
+
+
+def start_run_with_ray(
+    tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], resume_run_id: str | None
+) -> str:
+    """Start the MLflow run through Ray's setup_mlflow (a cervi_ray.tracking.RunStarter).
+
+    setup_mlflow (Ray 2.60) works in Train V2 workers, in Tune trials and in plain processes. It
+    makes the run mlflow's active run of this thread. The engine tracks on rank 0 only, so
+    rank_zero_only is off. The tracker logs the config in one batch, where setup_mlflow would
+    send one request per parameter.
+    """
+    from ray.air.integrations.mlflow import setup_mlflow
+
+    # mlflow.start_run reopens the run named in MLFLOW_RUN_ID and then removes the variable. It
+    # carries the run to reopen here, and a value the user set is put back afterwards.
+    user_run_id = os.environ.pop(MLFLOW_RUN_ID_ENV, None)
+    if resume_run_id is not None:
+        os.environ[MLFLOW_RUN_ID_ENV] = resume_run_id
+    try:
+        mlflow = setup_mlflow(
+            tracking_uri=tracking_uri, experiment_id=experiment_id, run_name=run_name, tags=tags,
+            rank_zero_only=False,
+        )
+    finally:
+        os.environ.pop(MLFLOW_RUN_ID_ENV, None)
+        if user_run_id is not None:
+            os.environ[MLFLOW_RUN_ID_ENV] = user_run_id
+    return mlflow.active_run().info.run_id
+
 
 class RayTrainSession:
     """Rank, device, restore and report of one Ray Train worker."""
+
+    mlflow_starter = staticmethod(start_run_with_ray)
 
     def __init__(self) -> None:
         context = ray.train.get_context()

@@ -22,6 +22,7 @@ from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tun
 from cervi_ray.config import Config, config_from_dict
 from cervi_ray.data.splits import assign_split
 from cervi_ray.storage import resolve_storage
+from cervi_ray.tracking import sweep_tracker
 from cervi_ray.train.engine import TrainingJob, run_training
 from cervi_ray.tune.session import TuneSession
 
@@ -80,14 +81,16 @@ def fold_rows(records: list[dict], splits: dict, fold: int, sources: list[str] |
 
 
 def fold_trainable(trial: dict[str, Any], config_tree: dict, records: list[dict], splits: dict,
-                   teacher_checkpoints: dict[int, Any]) -> None:
-    """Train one fold inside a Tune trial."""
+                   teacher_checkpoints: dict[int, Any], tracking_parent_run_id: str | None = None) -> None:
+    """Train one fold inside a Tune trial; its MLflow run nests under `tracking_parent_run_id`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = apply_params(config_tree, trial["params"])
     fold = trial["fold"]
     torch.set_num_threads(config.cv.cpus_per_trial)
     rows = fold_rows(records, splits, fold, config.cv.sources)
-    job = fold_job(config).model_copy(update={"label": f"{config.cv.task} fold {fold}"})
+    job = fold_job(config).model_copy(
+        update={"label": f"{config.cv.task} fold {fold}", "tracking_parent_run_id": tracking_parent_run_id}
+    )
     session = TuneSession(use_gpu=config.cv.gpus_per_trial > 0)
     if not job.distill:
         run_training(config, job, rows, session)
@@ -131,11 +134,12 @@ def run_cv(config: Config, records: list[dict], splits: dict) -> tuple[pd.DataFr
     if bad:
         raise ValueError(f"cv.folds {bad} outside 0..{config.data.split.folds - 1} (data.split.folds)")
     teachers = _teacher_checkpoints(config, folds) if config.cv.task == "distill" else {}
+    tracker = sweep_tracker(config, sweep_name(config, config.cv.name), "cv")
 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             fold_trainable, config_tree=config.model_dump(mode="json"), records=records,
-            splits=splits, teacher_checkpoints=teachers,
+            splits=splits, teacher_checkpoints=teachers, tracking_parent_run_id=tracker.run_id,
         ),
         {"cpu": config.cv.cpus_per_trial, "gpu": config.cv.gpus_per_trial},
     )
@@ -168,9 +172,12 @@ def run_cv(config: Config, records: list[dict], splits: dict) -> tuple[pd.DataFr
             ),
         )
 
-    grid = tuner.fit()
-    table = fold_table(grid)
-    return table, summarize(table)
+    with tracker:
+        grid = tuner.fit()
+        table = fold_table(grid)
+        summary = summarize(table)
+        tracker.log_text(markdown_tables(table, summary), "cv.md")
+    return table, summary
 
 
 def fold_table(grid: ray.tune.ResultGrid) -> pd.DataFrame:

@@ -34,6 +34,7 @@ from cervi_ray.pruning.magnitude import (
 )
 from cervi_ray.pruning.structured import parameter_shapes, prune_student_structured
 from cervi_ray.storage import resolve_storage
+from cervi_ray.tracking import sweep_tracker
 from cervi_ray.train.engine import TrainingJob, load_validation_pairs, run_training
 from cervi_ray.train.steps import validate
 from cervi_ray.tune.session import TuneSession
@@ -99,8 +100,14 @@ def model_facts(folder: Path, input_size: int, latency_runs: int) -> dict[str, A
     }
 
 
-def candidate_trainable(trial: dict[str, Any], config_tree: dict, rows: list[dict], student, teacher) -> None:
-    """Prune, validate, fine-tune and report one candidate inside a Tune trial."""
+def candidate_trainable(
+    trial: dict[str, Any], config_tree: dict, rows: list[dict], student, teacher,
+    tracking_parent_run_id: str | None = None,
+) -> None:
+    """Prune, validate, fine-tune and report one candidate inside a Tune trial.
+
+    Its MLflow run nests under `tracking_parent_run_id`.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = Config.model_validate(config_tree)
     candidate = trial["candidate"]
@@ -120,7 +127,7 @@ def candidate_trainable(trial: dict[str, Any], config_tree: dict, rows: list[dic
         label=f"prune {candidate}", model_kind="student", distill=config.prune.distill,
         optim=config.prune.finetune, initial_weights=str(work),
         masks_file=str(work / MASKS_FILE) if candidate["kind"] == "magnitude" else None,
-        extra_meta={"prune_facts": facts},
+        extra_meta={"prune_facts": facts}, tracking_parent_run_id=tracking_parent_run_id,
     )
     if job.distill:
         with teacher.as_directory() as teacher_dir:
@@ -135,6 +142,7 @@ class _FactsSession:
     def __init__(self, inner: TuneSession, facts: dict[str, Any]):
         self.inner, self.facts = inner, facts
         self.rank, self.world_size, self.device = inner.rank, inner.world_size, inner.device
+        self.mlflow_starter, self.tracking_suffix = inner.mlflow_starter, inner.tracking_suffix
 
     def restored_checkpoint(self):
         return self.inner.restored_checkpoint()
@@ -162,10 +170,11 @@ def run_prune_search(
     path, filesystem = resolve_storage(config.storage_path, config.run.storage_endpoint_url)
     name = f"{config.run.name}-prune-{config.prune.name}"
     experiment = f"{path.rstrip('/')}/{name}"
+    tracker = sweep_tracker(config, name, "prune")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             candidate_trainable, config_tree=config.model_dump(mode="json"), rows=rows,
-            student=student, teacher=teacher,
+            student=student, teacher=teacher, tracking_parent_run_id=tracker.run_id,
         ),
         {"cpu": config.prune.cpus_per_trial, "gpu": config.prune.gpus_per_trial},
     )
@@ -184,13 +193,17 @@ def run_prune_search(
                 ),
             ),
         )
-    grid = tuner.fit()
+    with tracker:
+        grid = tuner.fit()
 
-    with student.as_directory() as student_dir:
-        reference = reference_dice(config, rows, Path(student_dir))
-        unpruned = model_facts(Path(student_dir), config.model.input_size, config.eval.latency_runs)
-    table = candidate_table(grid, config, reference, unpruned)
-    return table, select(table, reference, config.prune.tolerance)
+        with student.as_directory() as student_dir:
+            reference = reference_dice(config, rows, Path(student_dir))
+            unpruned = model_facts(Path(student_dir), config.model.input_size, config.eval.latency_runs)
+        table = candidate_table(grid, config, reference, unpruned)
+        selection = select(table, reference, config.prune.tolerance)
+        tracker.log_text(table.to_csv(index=False), "candidates.csv")
+        tracker.log_text(json.dumps(selection, indent=2, default=str), "selection.json")
+    return table, selection
 
 
 def candidate_table(grid, config: Config, reference: float, unpruned: dict[str, Any]) -> pd.DataFrame:
