@@ -20,11 +20,13 @@ optimizer state through torch.load(weights_only=True), which rejects pickled obj
 
 import json
 import logging
+import pickle
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,6 +44,10 @@ ADAPTER_FILE = "adapter.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
 PRUNED_SHAPES_KEY = "pruned_shapes"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """A checkpoint file that torch.load(weights_only=True) rejects, such as one with pickled code."""
 
 
 def code_version() -> str:
@@ -159,6 +165,11 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"checkpoint description {meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"checkpoint description {meta_path} must be a JSON object, got {type(meta).__name__}. "
+            "Point to a folder written by training or by the export command."
+        )
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -183,7 +194,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     weights_path = folder / MODEL_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {MODEL_FILE}")
-    state = remap_state_dict(load_file(str(weights_path)), meta)
+    state = remap_state_dict(load_weights(weights_path), meta)
     _check_weight_shapes(model, state, weights_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -219,14 +230,45 @@ def remap_state_dict(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> di
     return state
 
 
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, raising ValueError naming the file when it is not one."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(
+            f"cannot read weights {path}: {e}. The file is truncated, damaged or not a safetensors "
+            "file (cervi_ray never loads weights from pickled torch.save files). Restore the "
+            "checkpoint from its source, or train or export it again."
+        ) from None
+
+
 def load_adapter_state(folder: str | Path) -> dict[str, torch.Tensor] | None:
     path = Path(folder) / ADAPTER_FILE
-    return load_file(str(path)) if path.is_file() else None
+    return load_weights(path) if path.is_file() else None
 
 
 def load_training_state(folder: str | Path) -> dict[str, Any] | None:
-    """Optimizer and scheduler state, or None when the folder has none."""
+    """Optimizer and scheduler state, or None when the folder has none.
+
+    Raises UnsafeCheckpointError when torch.load(weights_only=True) rejects the file's objects
+    (pickled code among them), and ValueError when it is not a torch.save file.
+    """
     path = Path(folder) / TRAINING_STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    advice = "Delete the file to resume with a fresh optimizer state, or restore the checkpoint from its source."
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False or allowlisting the global, which would run
+        # the payload. Keep only the reason, which follows "WeightsUnpickler error:" in torch 2.14.
+        reason = str(e).rpartition("WeightsUnpickler error:")[2].strip().split(". ")[0]
+        raise UnsafeCheckpointError(
+            f"optimizer state {path} holds objects that torch.load(weights_only=True) rejects "
+            f"({reason}). Unpickling them could run code, so cervi_ray does not load them. {advice}"
+        ) from None
+    except (EOFError, KeyError, RuntimeError) as e:
+        raise ValueError(
+            f"optimizer state {path} is empty, truncated or not a torch.save file "
+            f"({type(e).__name__}: {e}). {advice}"
+        ) from None

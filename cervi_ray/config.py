@@ -392,7 +392,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {path} must contain a mapping of sections, got {type(tree).__name__}")
     for override in overrides or []:
         _apply_override(tree, override)
-    return config_from_dict(tree, origin=f"config {path}")
+    try:
+        return config_from_dict(tree, origin=f"config {path}")
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e}\nAdd, correct or remove these keys in {path} or in the --set overrides. The classes in "
+            "cervi_ray/config.py list every key with its type and default."
+        ) from None
 
 
 def dump_config(config: Config) -> str:

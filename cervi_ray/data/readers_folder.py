@@ -71,6 +71,11 @@ def value_map_to_json(value_map: Mapping[Any, Any] | str | None) -> str:
 
 def apply_value_map(stored: np.ndarray, value_map: Mapping[int, int], mask_path: str | Path) -> np.ndarray:
     """Map stored mask values to labels, raising ValueError for any value missing from the map."""
+    if stored.dtype.kind == "f" and not np.isfinite(stored).all():
+        raise ValueError(
+            f"Mask {mask_path} contains NaN or infinite values in {int((~np.isfinite(stored)).sum())} "
+            f"pixels. Masks hold integer label values: save it as an 8-bit or 16-bit integer image."
+        )
     values = np.unique(stored)
     unexpected = [v.item() for v in values if v.item() not in value_map]
     if unexpected:

@@ -362,7 +362,10 @@ def _try_readers(uri: str, readers: list[tuple[str, Any]], failures: list[str]) 
             return build()
         except Exception as e:  # decoders raise many types; each one's message is reported below
             failures.append(f"{reader_name}: {type(e).__name__}: {e}")
-    raise SlideError(f"{uri} could not be opened as a slide ({'; '.join(failures)})")
+    raise SlideError(
+        f"{uri} could not be opened as a slide ({'; '.join(failures)}). Replace it with a complete copy "
+        "in a supported format, or leave it out of the input"
+    )
 
 
 def read_window(slide: Slide, level: int, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
