@@ -71,3 +71,33 @@ def test_score_command_end_to_end(ray_cluster, baby_config, tmp_path, capsys):
     summary = pd.read_parquet(tmp_path / "out" / "slides")
     assert summary["status"].tolist() == ["ok"]
     assert summary["tiles_scored"].iloc[0] >= 1
+
+
+@pytest.mark.ray
+def test_bundle_scores_real_image(ray_cluster, baby_config, data_root, tmp_path, capsys):
+    # A real 1024 x 1024 EDF frame as a single-level slide, scored with an exported bundle as the model.
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "frame004.png").symlink_to(data_root / "isbi2015" / "Training" / "EDF" / "frame004.png")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "checkpoint", build_student(baby_config.model, 3), describe_model(baby_config, "student"))
+    bundle = tmp_path / "bundle"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "checkpoint"), "--output", str(bundle), "--no-onnx"]) == 0
+    assert (bundle / "MODEL_CARD.md").is_file()
+
+    # The baby model has no training resolution: model_mpp 1.0 and slide_mpp 4.0 shrink the frame to 256 x 256.
+    code = cli.main([
+        "score", "--config", str(BABY), "--input", str(slides), "--checkpoint", str(bundle),
+        "--output", str(tmp_path / "out"), "--set", "scoring.tile_size=64", "--set", "scoring.overlap=0",
+        "--set", "scoring.model_mpp=1.0", "--set", "scoring.slide_mpp=4.0", "--set", "tracking.enabled=false",
+    ])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    summary = pd.read_parquet(tmp_path / "out" / "slides")
+    assert summary["slide_id"].tolist() == ["frame004"]
+    assert summary["status"].tolist() == ["ok"]
+    tiles = pd.read_parquet(tmp_path / "out" / "tiles")
+    assert len(tiles) == summary["tiles_scored"].iloc[0] > 0
+    assert tiles["model_name"].nunique() == 1
+    # Level-0 coordinates: every tile lies inside the 1024 x 1024 frame.
+    assert (tiles["x"] + tiles["width"]).max() <= 1024
+    assert (tiles["y"] + tiles["height"]).max() <= 1024
