@@ -11,7 +11,7 @@ from public_datasets import CX22_SHAPES, box_mask, cell_array, cx22_instances, w
 from scipy.io.matlab import matfile_version
 
 from cervi_ray.data import BACKGROUND, CYTOPLASM, NUCLEUS, list_source, load_sample
-from cervi_ray.data import readers_cx22
+from cervi_ray.data import matlab
 
 VERSIONS = ["7", "7.3"]
 
@@ -231,11 +231,11 @@ def test_cx22_v73_empty_cell_elements(tmp_path):
 
 def test_cx22_v73_reads_entries_lazily(tmp_path):
     # v7.3 files are read one entry at a time and never loaded whole into the per-process cache.
-    readers_cx22._load_variable.cache_clear()
+    matlab.load_variable.cache_clear()
     root = write_cx22(tmp_path / "Cx22-Pair", version="7.3")
     for _, row in list_source("cx22", root).iterrows():
         load_sample(row)
-    assert readers_cx22._load_variable.cache_info().currsize == 0
+    assert matlab.load_variable.cache_info().currsize == 0
 
 
 def v73_wrong_content(root):
