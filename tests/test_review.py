@@ -26,10 +26,9 @@ from cervi_ray.report.curves import plot_training_curves
 from cervi_ray.report.markdown import write_report
 from cervi_ray.report.overlays import save_overlay
 from cervi_ray.review.command import review_run, review_slides
-from cervi_ray.review.geojson import (
-    MissingMasksError, load_scored_slide, object_polygons, select_tiles, slide_feature_collection, write_geojson,
-)
+from cervi_ray.review.geojson import object_polygons, slide_feature_collection, write_geojson
 from cervi_ray.review.run_report import render_run_html
+from cervi_ray.review.scored import MissingMasksError, load_scored_slide, select_tiles
 from cervi_ray.review.slide_report import render_slide_html, write_slide_html
 from cervi_ray.scoring.pipeline import score_archive
 from cervi_ray.scoring.slides import SlideStorage

@@ -13,10 +13,9 @@ import logging
 from pathlib import Path
 
 from cervi_ray.config import Config
-from cervi_ray.review.geojson import (
-    MissingMasksError, list_scored_slides, load_scored_slide, slide_feature_collection, write_geojson,
-)
+from cervi_ray.review.geojson import slide_feature_collection, write_geojson
 from cervi_ray.review.run_report import HTML_FILE, write_run_html
+from cervi_ray.review.scored import MissingMasksError, list_scored_slides, load_scored_slide
 from cervi_ray.review.slide_report import write_slide_html
 from cervi_ray.scoring.slides import SlideStorage
 from cervi_ray.storage import is_remote

@@ -25,7 +25,7 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
 from cervi_ray.report.overlays import colourise
-from cervi_ray.review.geojson import ScoredSlide, select_tiles
+from cervi_ray.review.scored import ScoredSlide, select_tiles
 from cervi_ray.scoring.slides import Slide, SlideError, SlideStorage, open_slide, read_window
 
 logger = logging.getLogger(__name__)
