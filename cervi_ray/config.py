@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cervi_ray.data.labels import NUM_CLASSES
+from cervi_ray.retrying_fs import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY
 
 DATA_ROOT_ENV = "CERVI_RAY_DATA"
 DEFAULT_DATA_ROOT = "../shared/data"  # relative to the working directory
@@ -191,6 +192,11 @@ class RunConfig(Section):
     max_failures: int = Field(2, ge=-1)  # worker failures to recover from before giving up
     checkpoints_to_keep: int = Field(2, ge=1)
     seed: int = 0
+    # s3:// storage: retries of a call that failed with a transient error (timeout, HTTP 5xx,
+    # throttling, dropped connection), after pyarrow's own request retries. The first retry
+    # waits storage_retry_delay seconds, each later one twice as long, up to 30 s.
+    storage_retries: int = Field(DEFAULT_RETRIES, ge=0)
+    storage_retry_delay: float = Field(DEFAULT_RETRY_DELAY, ge=0.0)
 
 
 TTA_TRANSFORMS = ("identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose")

@@ -24,7 +24,7 @@ from cervi_ray.evaluation import all_nucleus_predictor, evaluate_rows, multi_ots
 from cervi_ray.metrics import to_jsonable
 from cervi_ray.report.curves import plot_training_curves
 from cervi_ray.report.markdown import write_report
-from cervi_ray.storage import resolve_storage
+from cervi_ray.storage import resolve_storage, storage_retry_policy
 from cervi_ray.train.evaluate import evaluate_checkpoints, group_rows_by_source
 from cervi_ray.tracking import log_pipeline_outputs, pipeline_tracker
 from cervi_ray.train.trainer import TrainingOutcome, ensure_ray, fit, standard_job
@@ -93,7 +93,9 @@ def best_checkpoint_of_run(config: Config, label: str) -> ray.train.Checkpoint |
     Reads the checkpoint folders in storage directly, so no trainer has to start. Returns None
     when the run has no checkpoint.
     """
-    root, filesystem = resolve_storage(config.storage_path, config.run.storage_endpoint_url)
+    root, filesystem = resolve_storage(
+        config.storage_path, config.run.storage_endpoint_url, storage_retry_policy(config.run)
+    )
     filesystem = filesystem or pafs.LocalFileSystem()
     run_path = f"{root.rstrip('/')}/{config.run.name}-{label}"
     selector = pafs.FileSelector(run_path, allow_not_found=True)

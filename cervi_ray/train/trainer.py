@@ -13,7 +13,7 @@ from ray.train.torch import TorchTrainer
 
 from cervi_ray.checkpoint import read_meta
 from cervi_ray.config import Config, RayConfig
-from cervi_ray.storage import resolve_storage
+from cervi_ray.storage import resolve_storage, storage_retry_policy
 from cervi_ray.train.engine import TrainingJob
 from cervi_ray.train.loop import train_loop_per_worker
 
@@ -81,7 +81,9 @@ def build_trainer(
             "distillation needs a trained teacher: set distill.teacher_checkpoint to a teacher "
             "checkpoint folder or s3:// URI, or run the demo, which trains one first"
         )
-    storage_path, filesystem = resolve_storage(config.storage_path, config.run.storage_endpoint_url)
+    storage_path, filesystem = resolve_storage(
+        config.storage_path, config.run.storage_endpoint_url, storage_retry_policy(config.run)
+    )
     scaling = config.scaling
     loop_config = {
         "config": config.model_dump(mode="json"),

@@ -21,7 +21,7 @@ from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tun
 
 from cervi_ray.config import Config, config_from_dict
 from cervi_ray.data.splits import assign_split
-from cervi_ray.storage import resolve_storage
+from cervi_ray.storage import resolve_storage, storage_retry_policy
 from cervi_ray.tracking import sweep_tracker
 from cervi_ray.train.engine import TrainingJob, run_training
 from cervi_ray.tune.session import TuneSession
@@ -116,7 +116,7 @@ def _teacher_checkpoints(config: Config, folds: list[int]) -> dict[int, Any]:
 
 
 def _storage(config: Config) -> tuple[str, Any]:
-    return resolve_storage(config.storage_path, config.run.storage_endpoint_url)
+    return resolve_storage(config.storage_path, config.run.storage_endpoint_url, storage_retry_policy(config.run))
 
 
 def restore_results(config: Config, sweep: str) -> ray.tune.ResultGrid:

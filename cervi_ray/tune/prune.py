@@ -33,7 +33,7 @@ from cervi_ray.pruning.magnitude import (
     sparsity_summary,
 )
 from cervi_ray.pruning.structured import parameter_shapes, prune_student_structured
-from cervi_ray.storage import resolve_storage
+from cervi_ray.storage import resolve_storage, storage_retry_policy
 from cervi_ray.tracking import sweep_tracker
 from cervi_ray.train.engine import TrainingJob, load_validation_pairs, run_training
 from cervi_ray.train.steps import validate
@@ -167,7 +167,9 @@ def run_prune_search(
     """Run (or restore) the search; returns the candidate table and the selection."""
     if config.prune.distill and teacher is None:
         raise ValueError("prune.distill is on, so the search needs a teacher checkpoint (prune.teacher_checkpoint)")
-    path, filesystem = resolve_storage(config.storage_path, config.run.storage_endpoint_url)
+    path, filesystem = resolve_storage(
+        config.storage_path, config.run.storage_endpoint_url, storage_retry_policy(config.run)
+    )
     name = f"{config.run.name}-prune-{config.prune.name}"
     experiment = f"{path.rstrip('/')}/{name}"
     tracker = sweep_tracker(config, name, "prune")
