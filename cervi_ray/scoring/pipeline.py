@@ -137,7 +137,12 @@ def build_dataset(
             batch_size=scoring.tiles_per_read_task, num_cpus=scoring.cpus_per_reader,
             memory=READ_TASK_BASE_MEMORY + READ_MEMORY_FACTOR * scoring.tiles_per_read_task * scoring.tile_size**2 * 3,
         )
-        # Label the tiles with TTA in a pool of actors, each loading the model once.
+        # Label the tiles with TTA in a pool of actors, each loading the model once. Ray Data 2.60
+        # starts a killed or crashed actor again (max_restarts=-1) and retries its unfinished
+        # batches (max_task_retries=-1) by default. Setting these here would need ray_remote_args,
+        # which Ray 2.60 deprecates. tests/test_scoring_faults.py kills the actor mid-run.
+        # NOTE: the retries are unlimited. A batch that kills every actor it reaches (out of
+        # memory) keeps the job retrying, so lower scoring.batch_size if the log shows restarts.
         .map_batches(
             TileSegmenter, fn_constructor_kwargs=segmenter_arguments,
             batch_size=tiles_per_forward,
@@ -153,18 +158,26 @@ def build_dataset(
 
 
 class SlideCollector:
-    """Gathers the streamed rows of each slide until its header and all its tiles have come."""
+    """Gathers the streamed rows of each slide until its header and all its tiles have come.
+
+    A row that arrives a second time (a retried task that repeats output) is dropped, and so are
+    rows of a slide already returned, so each tile reaches the outputs once.
+    """
 
     def __init__(self) -> None:
         self._parts: dict[str, list[pa.Table]] = defaultdict(list)
         self._tiles: Counter = Counter()
         self._headers: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self._received: dict[str, set[int]] = defaultdict(set)  # tile indices of each pending slide
+        self._returned: set[str] = set()
 
     def add(self, table: pa.Table) -> list[tuple[str, dict[str, Any], bytes, pa.Table]]:
         """Add a batch of stage rows; return (slide_id, info, thumbnail, rows) of completed slides."""
         completed = []
         for slide_id in pc.unique(table["slide_id"]).to_pylist():
-            part = table.filter(pc.equal(table["slide_id"], slide_id))
+            part = self._new_rows(slide_id, table.filter(pc.equal(table["slide_id"], slide_id)))
+            if part.num_rows == 0:
+                continue
             header = part.filter(pc.equal(part["tile_index"], HEADER_INDEX))
             if header.num_rows:
                 self._headers[slide_id] = (json.loads(header["slide_info"][0].as_py()), header["thumbnail"][0].as_py())
@@ -174,10 +187,29 @@ class SlideCollector:
                 completed.append(self._pop(slide_id))
         return completed
 
+    def _new_rows(self, slide_id: str, part: pa.Table) -> pa.Table:
+        """Return the rows of `part` (one slide's rows) whose tile index has not arrived before."""
+        if slide_id in self._returned:
+            logger.warning(
+                "dropped %d rows of slide %s, which arrived after the slide was complete", part.num_rows, slide_id
+            )
+            return part.slice(0, 0)
+        received = self._received[slide_id]
+        keep = []
+        for index in part["tile_index"].to_pylist():
+            keep.append(index not in received)
+            received.add(index)
+        if all(keep):
+            return part
+        logger.warning("dropped %d repeated rows of slide %s", keep.count(False), slide_id)
+        return part.filter(pa.array(keep))
+
     def _pop(self, slide_id: str) -> tuple[str, dict[str, Any], bytes, pa.Table]:
         info, thumbnail = self._headers.pop(slide_id, ({}, b""))
         rows = pa.concat_tables(self._parts.pop(slide_id))
         del self._tiles[slide_id]
+        self._received.pop(slide_id, None)
+        self._returned.add(slide_id)
         return slide_id, info, thumbnail, rows
 
     def unfinished(self) -> list[tuple[str, dict[str, Any], bytes, pa.Table]]:
