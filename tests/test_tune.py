@@ -188,9 +188,13 @@ def test_select_stops_at_first_drop():
 def test_ablation_end_to_end(ray_cluster, baby_config):
     from cervi_ray.ablation import run_ablation
 
+    # One worker, one epoch per training and the 8 ISBI 2015 frames: the test checks the table's
+    # rows and their relations, and Ray Train's start-up per training dominates its time.
     config = _configure(
         baby_config, run__name="ablation", ablation__baselines=["unet"], prune__finetune__epochs=1,
-        prune__finetune__val_every=1, eval__tta=["identity", "hflip"],
+        prune__finetune__val_every=1, eval__tta=["identity", "hflip"], scaling__num_workers=1,
+        teacher_train__epochs=1, student_train__epochs=1, eval__n_boot=10,
+        data__sources=[{"name": "isbi2015", "kind": "isbi2015", "path": "isbi2015/Training"}],
     )
     path = run_ablation(config)
     table = pd.read_parquet(path.parent / "ablation.parquet")
