@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 
-from cervi_ray.checkpoint import code_version
+from cervi_ray.checkpoint import MODEL_FILE, code_version
 from cervi_ray.config import Config, save_config
 from cervi_ray.data.manifest import build_manifest, write_manifest
 from cervi_ray.data.splits import assign_split, load_or_create_splits
@@ -90,8 +90,9 @@ def checkpoint_from_uri(uri: str, endpoint_url: str | None = None) -> ray.train.
 def best_checkpoint_of_run(config: Config, label: str) -> ray.train.Checkpoint | None:
     """Best checkpoint (highest validation Dice) of the finished run `<run.name>-<label>`.
 
-    Reads the checkpoint folders in storage directly, so no trainer has to start. Returns None
-    when the run has no checkpoint.
+    Reads the checkpoint folders in storage directly, so no trainer has to start. A folder
+    without both meta.json and the weights (an upload cut short by a lost node) is skipped.
+    Returns None when the run has no checkpoint.
     """
     root, filesystem = resolve_storage(
         config.storage_path, config.run.storage_endpoint_url, storage_retry_policy(config.run)
@@ -108,6 +109,9 @@ def best_checkpoint_of_run(config: Config, label: str) -> ray.train.Checkpoint |
                 meta = json.loads(stream.read())
         except (OSError, json.JSONDecodeError):
             logger.warning("skipping %s: unreadable meta.json", info.path)
+            continue
+        if filesystem.get_file_info(f"{info.path}/{MODEL_FILE}").type != pafs.FileType.File:
+            logger.warning("skipping %s: no %s", info.path, MODEL_FILE)
             continue
         dice = meta.get("metrics", {}).get("val_dice", float("-inf"))
         if dice > best_dice:

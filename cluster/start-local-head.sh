@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Start a single-node Ray cluster on this machine, bound to 127.0.0.1, for `ray job submit`.
+# Start a single-node Ray cluster on this machine for `ray job submit`, with the dashboard and job
+# API on 127.0.0.1. Ray 2.60 replaces a node address of 127.0.0.1 with the host's routable
+# address, and its gRPC servers listen on all interfaces, so firewall the Ray ports on shared hosts.
 # Usage: cluster/start-local-head.sh [NUM_CPUS]     Stop it with: .venv/bin/ray stop
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,6 +9,7 @@ import torch
 
 from cervi_ray.checkpoint import (
     META_FILE,
+    MODEL_FILE,
     TRAINING_STATE_FILE,
     describe_model,
     load_model,
@@ -94,3 +95,18 @@ def test_weights_of_another_architecture(tmp_path):
 def test_ddp_prefix_removed():
     state = {"module.a.weight": torch.ones(1), "module.b.bias": torch.zeros(1)}
     assert set(remap_state_dict(state, {})) == {"a.weight", "b.bias"}
+
+
+def test_best_checkpoint_skips_incomplete_folders(baby_config):
+    from cervi_ray.pipeline import best_checkpoint_of_run
+
+    run = Path(baby_config.storage_path) / "baby-teacher"
+    for name, dice, with_weights in (("checkpoint_a", 0.4, True), ("checkpoint_b", 0.9, False)):
+        folder = run / name
+        folder.mkdir(parents=True)
+        (folder / META_FILE).write_text(json.dumps({"metrics": {"val_dice": dice}}))
+        if with_weights:
+            (folder / MODEL_FILE).write_bytes(b"weights")
+    # checkpoint_b has the higher Dice but lost its weights, as an upload cut short by a lost node would.
+    best = best_checkpoint_of_run(baby_config, "teacher")
+    assert Path(best.path).name == "checkpoint_a"
