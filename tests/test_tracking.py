@@ -28,26 +28,15 @@ from cervi_ray.tracking import (
 from cervi_ray.train import engine as engine_module
 from cervi_ray.train.engine import LocalSession, run_training
 from cervi_ray.train.trainer import fit, standard_job
+from overrides import with_overrides
 
 ONE_SOURCE = [{"name": "isbi2015", "kind": "isbi2015", "path": "isbi2015/Training"}]
 FAKE_PASSWORD = "hunter2"  # stands for a credential inside a URI; must never reach a log or a param
 
 
-def _configure(config: Config, **overrides) -> Config:
-    """Copy of config with section__key overrides, e.g. teacher_train__epochs=2."""
-    tree = config.model_dump(mode="json")
-    for key, value in overrides.items():
-        *sections, name = key.split("__")
-        node = tree
-        for section in sections:
-            node = node[section]
-        node[name] = value
-    return type(config).model_validate(tree)
-
-
 def _small(config: Config, **overrides) -> Config:
     """The baby profile on the 8 ISBI 2015 images at 128 x 128, so a CPU epoch takes seconds."""
-    return _configure(config, data__sources=ONE_SOURCE, data__scale=0.125, **overrides)
+    return with_overrides(config, data__sources=ONE_SOURCE, data__scale=0.125, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +112,13 @@ def test_local_run_logs_params_tags_metrics(baby_config):
 
 
 def test_relaunch_reopens_same_run(store_config):
-    config = _configure(store_config, teacher_train__epochs=1)
+    config = with_overrides(store_config, teacher_train__epochs=1)
     rows = prepare_data(config).to_dict(orient="records")
     session = LocalSession(Path(config.run.output_dir) / "local")
     run_training(config, standard_job(config, "teacher"), rows, session)
 
     # Same run name and checkpoint folder, one more epoch: training and its MLflow run continue.
-    longer = _configure(config, teacher_train__epochs=2)
+    longer = with_overrides(config, teacher_train__epochs=2)
     run_training(longer, standard_job(longer, "teacher"), rows, session)
 
     runs = _runs(config)
@@ -245,7 +234,7 @@ def test_scoring_run_records_counts(store_config):
 @pytest.mark.ray
 def test_ray_train_tracks_rank_zero_only(ray_cluster, store_config):
     # Batches of 2, so each of the 2 workers gets a batch from the few training crops.
-    config = _configure(
+    config = with_overrides(
         store_config, teacher_train__epochs=1, teacher_train__batch_size_per_worker=2, run__name="tracked"
     )
     fit(config, "teacher", prepare_data(config).to_dict(orient="records"))

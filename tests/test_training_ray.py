@@ -11,6 +11,7 @@ from cervi_ray.pipeline import best_checkpoint_of_run, checkpoint_from_uri, prep
 from cervi_ray.train import engine as engine_module
 from cervi_ray.train import loop as loop_module
 from cervi_ray.train.trainer import fit
+from overrides import with_overrides
 
 pytestmark = pytest.mark.ray
 
@@ -19,17 +20,8 @@ def _rows(config):
     return prepare_data(config).to_dict(orient="records")
 
 
-def _configure(config, **overrides):
-    """Copy of config with section.key overrides, e.g. teacher_train__epochs=4."""
-    tree = config.model_dump(mode="json")
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        tree[section][name] = value
-    return type(config).model_validate(tree)
-
-
 def test_teacher_loss_decreases_on_two_workers(ray_cluster, baby_config):
-    config = _configure(
+    config = with_overrides(
         baby_config, teacher_train__epochs=5, teacher_train__val_every=5, data__repeats=4,
         run__name="loss-drops",
     )
@@ -45,13 +37,13 @@ def test_teacher_loss_decreases_on_two_workers(ray_cluster, baby_config):
 
 
 def test_relaunch_resumes_epoch_count(ray_cluster, baby_config):
-    config = _configure(baby_config, teacher_train__epochs=2, run__name="resume")
+    config = with_overrides(baby_config, teacher_train__epochs=2, run__name="resume")
     rows = _rows(config)
     first = fit(config, "teacher", rows)
     assert [entry["epoch"] for entry in first.history] == [1, 2]
 
     # Same run name and storage path, more epochs: continues at epoch 3 instead of starting over.
-    longer = _configure(config, teacher_train__epochs=4)
+    longer = with_overrides(config, teacher_train__epochs=4)
     second = fit(longer, "teacher", rows)
     with second.latest_checkpoint.as_directory() as folder:
         meta = read_meta(folder)
@@ -73,7 +65,7 @@ def test_relaunch_resumes_epoch_count(ray_cluster, baby_config):
 
 
 def test_worker_failure_restarts_from_checkpoint(ray_cluster, baby_config, tmp_path):
-    config = _configure(baby_config, teacher_train__epochs=3, run__name="flaky", run__max_failures=1)
+    config = with_overrides(baby_config, teacher_train__epochs=3, run__name="flaky", run__max_failures=1)
     marker = tmp_path / "failed-once"
 
     def flaky_loop(loop_config):
@@ -102,7 +94,7 @@ def test_checkpoints_in_s3(ray_cluster, baby_config, s3_server):
     bucket = "cervi-ray-test"
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=bucket)
-    config = _configure(
+    config = with_overrides(
         baby_config, teacher_train__epochs=1, run__name="s3",
         run__storage_path=f"s3://{bucket}/ray", run__storage_endpoint_url=s3_server,
     )

@@ -18,20 +18,10 @@ from cervi_ray.models import build_student
 from cervi_ray.pipeline import checkpoint_from_uri, prepare_data
 from cervi_ray.tune.cv import expand_grid, fold_rows, run_cv, summarize, sweep_name, write_cv_outputs
 from cervi_ray.tune.prune import run_prune_search, select, write_prune_outputs
+from overrides import with_overrides
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _configure(config, **overrides):
-    tree = config.model_dump(mode="json")
-    for key, value in overrides.items():
-        *sections, name = key.split("__")
-        node = tree
-        for section in sections:
-            node = node[section]
-        node[name] = value
-    return type(config).model_validate(tree)
 
 
 def _trial_states(experiment: Path) -> dict[str, str]:
@@ -84,7 +74,7 @@ def test_summary_mean_and_std():
 
 
 def test_cv_restore_after_kill_runs_only_missing_folds(ray_cluster, baby_config, tmp_path, data_root):
-    config = _configure(
+    config = with_overrides(
         baby_config, run__name="cv-kill", cv__folds=[0, 1, 2], cv__max_concurrent_trials=1,
         teacher_train__epochs=2, cv__sources=["isbi2014_train45"],
     )
@@ -137,7 +127,7 @@ def baby_student_checkpoint(baby_config, tmp_path):
 
 
 def test_prune_search_table_and_selection(ray_cluster, baby_config, baby_student_checkpoint, tmp_path):
-    config = _configure(
+    config = with_overrides(
         baby_config, run__name="prune", prune__sparsities=[0.3, 0.6], prune__structured_keep_ratio=0.5,
         prune__distill=False, prune__finetune__epochs=1, prune__finetune__val_every=1, prune__tolerance=1.0,
     )
@@ -190,7 +180,7 @@ def test_ablation_end_to_end(ray_cluster, baby_config):
 
     # One worker, one epoch per training and the 8 ISBI 2015 frames: the test checks the table's
     # rows and their relations, and Ray Train's start-up per training dominates its time.
-    config = _configure(
+    config = with_overrides(
         baby_config, run__name="ablation", ablation__baselines=["unet"], prune__finetune__epochs=1,
         prune__finetune__val_every=1, eval__tta=["identity", "hflip"], scaling__num_workers=1,
         teacher_train__epochs=1, student_train__epochs=1, eval__n_boot=10,
