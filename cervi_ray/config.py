@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cervi_ray.data.labels import NUM_CLASSES
 from cervi_ray.retrying_fs import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY
@@ -197,6 +197,13 @@ class RunConfig(Section):
     # waits storage_retry_delay seconds, each later one twice as long, up to 30 s.
     storage_retries: int = Field(DEFAULT_RETRIES, ge=0)
     storage_retry_delay: float = Field(DEFAULT_RETRY_DELAY, ge=0.0)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output_dir(cls, value: str) -> str:
+        # Ray Train workers and Tune trials run in folders of their own, where a relative path
+        # would put their MLflow and TensorBoard records away from the driver's.
+        return str(Path(value).expanduser().resolve())
 
 
 TTA_TRANSFORMS = ("identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose")

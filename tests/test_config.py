@@ -99,3 +99,11 @@ def test_run_name_rejects_path_separators():
     tree = {**MINIMAL, "run": {"name": "../escape"}}
     with pytest.raises(ConfigError, match=r"run\.name"):
         config_from_dict(tree)
+
+
+def test_output_dir_made_absolute(tmp_path, monkeypatch):
+    # Ray workers run in folders of their own, so the driver fixes the folder before shipping the config.
+    monkeypatch.chdir(tmp_path)
+    config = load_config(CONFIGS / "baby.yaml")
+    assert config.run.output_dir == str(tmp_path / "runs")
+    assert config_from_dict(config.model_dump(mode="json")).run.output_dir == str(tmp_path / "runs")

@@ -64,7 +64,7 @@ def test_score_command_end_to_end(ray_cluster, baby_config, tmp_path, capsys):
     code = cli.main([
         "score", "--config", str(BABY), "--input", str(slides), "--checkpoint", str(tmp_path / "checkpoint"),
         "--output", str(tmp_path / "out"), "--set", "scoring.tile_size=64", "--set", "scoring.overlap=0",
-        "--set", "scoring.slide_mpp=1.0",
+        "--set", "scoring.slide_mpp=1.0", "--set", f"run.output_dir={tmp_path / 'runs'}",
     ])
     assert code == 0
     assert "1 listed" in capsys.readouterr().out
@@ -90,6 +90,7 @@ def test_bundle_scores_real_image(ray_cluster, baby_config, data_root, tmp_path,
         "score", "--config", str(BABY), "--input", str(slides), "--checkpoint", str(bundle),
         "--output", str(tmp_path / "out"), "--set", "scoring.tile_size=64", "--set", "scoring.overlap=0",
         "--set", "scoring.model_mpp=1.0", "--set", "scoring.slide_mpp=4.0", "--set", "tracking.enabled=false",
+        "--set", f"run.output_dir={tmp_path / 'runs'}",
     ])
     assert code == 0, capsys.readouterr().err[-2000:]
     summary = pd.read_parquet(tmp_path / "out" / "slides")

@@ -232,10 +232,19 @@ def score_archive(config: Config, model: nn.Module | None = None, model_meta: di
     Starts or joins Ray (config.ray) when it is not running. With config.tracking on, the run's
     counts and throughput go to an MLflow run named <run.name>-score.
     """
+    # Settings checks come first, so a run that cannot start leaves no MLflow run behind.
+    _check_settings(config, model)
     with scoring_tracker(config) as tracker:
         report = _score_archive(config, model, model_meta)
         tracker.log_metrics(scoring_metrics(report), step=0)
     return report
+
+
+def _check_settings(config: Config, model: nn.Module | None) -> None:
+    if config.scoring.output is None:
+        raise ConfigError("scoring.output is not set; pass --output FOLDER or s3://bucket/prefix")
+    if model is None and config.scoring.checkpoint is None:
+        raise ConfigError("scoring.checkpoint is not set; pass --checkpoint FOLDER or s3:// URI")
 
 
 def _score_archive(config: Config, model: nn.Module | None, model_meta: dict[str, Any] | None) -> ScoringReport:
@@ -245,11 +254,8 @@ def _score_archive(config: Config, model: nn.Module | None, model_meta: dict[str
     started = time.perf_counter()
 
     # Model description, resolution and the settings the results depend on.
-    if scoring.output is None:
-        raise ConfigError("scoring.output is not set; pass --output FOLDER or s3://bucket/prefix")
+    _check_settings(config, model)
     if model is None:
-        if scoring.checkpoint is None:
-            raise ConfigError("scoring.checkpoint is not set; pass --checkpoint FOLDER or s3:// URI")
         meta, digest = checkpoint_identity(scoring.checkpoint, scoring.endpoint_url)
     else:
         meta, digest = dict(model_meta or {}), None
