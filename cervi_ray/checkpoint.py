@@ -264,7 +264,7 @@ def load_training_state(folder: str | Path) -> dict[str, Any] | None:
         # the payload. Keep only the reason, which follows "WeightsUnpickler error:" in torch 2.14.
         reason = str(e).rpartition("WeightsUnpickler error:")[2].strip().split(". ")[0]
         raise UnsafeCheckpointError(
-            f"optimizer state {path} holds objects that torch.load(weights_only=True) rejects "
+            f"optimizer state {path} contains objects that torch.load(weights_only=True) rejects "
             f"({reason}). Unpickling them could run code, so cervi_ray does not load them. {advice}"
         ) from None
     except (EOFError, KeyError, RuntimeError) as e:

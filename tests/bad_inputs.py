@@ -136,9 +136,9 @@ def write_broken_images(folder: Path) -> dict[str, Path]:
 
 
 def write_float_tiffs(folder: Path, size: tuple[int, int] = IMAGE_SIZE) -> dict[str, Path]:
-    """Write float32 TIFFs holding NaN and inf: grey (H, W) and RGB (H, W, 3); return {name: path}.
+    """Write float32 TIFFs containing NaN and inf: grey (H, W) and RGB (H, W, 3); return {name: path}.
 
-    The grey one otherwise holds label values 0, 1 and 2, so only the non-finite pixels are wrong.
+    The grey one otherwise contains label values 0, 1 and 2, so only the non-finite pixels are wrong.
     """
     folder.mkdir(parents=True, exist_ok=True)
     grey = good_mask(size).astype(np.float32)
@@ -181,7 +181,7 @@ MASK_MISMATCHES = ("wrong_size", "unknown_labels")
 def write_mask_mismatch(root: Path, stem: str) -> Path:
     """Add image `stem` whose mask does not fit it to a folder source; return the mask's path.
 
-    wrong_size: the mask is one row taller than its image. unknown_labels: the mask holds 7 and
+    wrong_size: the mask is one row taller than its image. unknown_labels: the mask contains 7 and
     255 next to the labels 0 and 1.
     """
     height, width = IMAGE_SIZE

@@ -1,6 +1,6 @@
 """The bad-input corpus (tests/bad_inputs.py) driven through the product the way users drive it.
 
-Every bad input must end in an error that names the file, key or value and says what to do or,
+Every bad input must end in an error that names the file, key or value and states what to do or,
 when scoring an archive, in a failed slide that records its error while the other slides
 complete. Results written earlier must survive byte for byte. The last tests check the
 guarantees of docs/security.md: pickled code never runs, credentials never reach a file or a
@@ -8,7 +8,6 @@ log, a local Ray serves its dashboard on 127.0.0.1, and scoring writes only unde
 """
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -61,7 +60,7 @@ from cervi_ray.train.engine import LocalSession, TrainingJob, run_training
 REPOSITORY = Path(__file__).resolve().parents[1]
 BABY = REPOSITORY / "configs" / "baby.yaml"
 
-# Broken image -> (where the folder reader fails, what the message tells the user to do). Files
+# Broken image -> (where the folder reader fails, the fix the message gives). Files
 # whose header is intact pass listing (`cervi-ray manifest`) and fail when the pixels load.
 UNREADABLE = "Replace it with a complete image file or remove it from the data folder"
 BROKEN_IMAGES = {
@@ -486,9 +485,9 @@ def test_bad_slides_fail_alone(ray_cluster, baby_config, baby_checkpoint, data_r
 
 # Credentials and the local Ray.
 
-# Runs in a subprocess: the three commands of a small job through the CLI's main (one process, so
-# one Ray), then the address of the dashboard the local Ray serves, with the addresses its port
-# listens on (from /proc/net/tcp*) and the HTTP status of the job API there.
+# Runs in a subprocess the three commands of a small job through the CLI's main, in one process
+# and so one Ray. It then prints the local Ray's dashboard address, the addresses its port listens
+# on (from /proc/net/tcp*) and the HTTP status of the job API there.
 JOB_DRIVER = r"""
 import json, sys, urllib.error, urllib.request
 from cervi_ray.cli import main
@@ -582,7 +581,7 @@ def test_credentials_never_written(ray_cluster, baby_config, s3_server, tmp_path
         logs = result.stdout + result.stderr
         assert result.returncode == 0, logs[-4000:]
 
-        # The run wrote what it should, then no file, object or log line holds either marker.
+        # The run wrote what it should, then no file, object or log line contains either marker.
         assert (runs / "corpus" / "manifest.parquet").is_file() or list(runs.rglob("manifest.parquet"))
         assert pd.read_parquet(scores / "slides")["status"].tolist() == ["ok"]
         files = [path for folder in (runs, scores, ray_temp) for path in folder.rglob("*") if path.is_file()]

@@ -244,7 +244,8 @@ def test_ray_train_tracks_rank_zero_only(ray_cluster, store_config):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["scaling.num_workers"] == "2"
-    assert list(run.data.metrics) and "val_dice" in run.data.metrics
+    assert list(run.data.metrics)
+    assert "val_dice" in run.data.metrics
     history = MlflowClient(tracking_uri(config)).get_metric_history(run.info.run_id, "val_dice")
     assert [metric.step for metric in history] == [1]
     assert list((Path(config.run.output_dir) / "tensorboard" / "tracked-teacher").glob("events.out.tfevents.*"))

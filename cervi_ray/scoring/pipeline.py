@@ -253,8 +253,8 @@ def _score_archive(config: Config, model: nn.Module | None, model_meta: dict[str
     scoring = config.scoring
     started = time.perf_counter()
 
-    # Model description, resolution and the settings the results depend on.
-    _check_settings(config, model)
+    # Model description, resolution and the settings the results depend on (score_archive has
+    # checked that output and, without a model, checkpoint are set).
     if model is None:
         meta, digest = checkpoint_identity(scoring.checkpoint, scoring.endpoint_url)
     else:

@@ -222,7 +222,7 @@ class RunTracker:
         if self.run_id is not None and self._client is not None:
             try:
                 self._client.set_terminated(self.run_id, "FAILED")
-            except Exception:  # the store already failed, and the warning above says so
+            except Exception:  # the store already failed, and the warning above reports it
                 logger.debug("could not mark MLflow run %s failed", self.run_id)
 
     def _disable_tensorboard(self, error: Exception) -> None:
