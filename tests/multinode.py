@@ -61,6 +61,9 @@ HEALTH_CHECK_ENV = {
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "5",
+    # `ray start` gives a new raylet 30 s to register with the GCS by default. On two busy cores
+    # (another Ray run beside the tests) registration took longer, and the node start failed.
+    "RAY_raylet_start_wait_time_s": "120",
 }
 
 # Fake credentials, the same as conftest.FAKE_AWS_ENV. Every Ray process of the cluster inherits
