@@ -71,13 +71,26 @@ def baby_config(data_root, tmp_path):
     )
 
 
-@pytest.fixture
-def s3_server(fake_aws_env):
-    """moto's S3 server on a free loopback port; yields its endpoint URL."""
+def run_moto_server():
+    """Start moto's S3 server on a free loopback port; yield its endpoint URL, then stop it."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_server(fake_aws_env):
+    """moto's S3 server on a free loopback port; yields its endpoint URL."""
+    yield from run_moto_server()
+
+
+@pytest.fixture(scope="module")
+def module_s3_server(fake_aws_env):
+    """One moto S3 server for all tests of a module, e.g. for jobs that outlive a test."""
+    yield from run_moto_server()

@@ -3,34 +3,50 @@
 Every job file runs through the job submission API with the repository as working_dir and the
 baby profile, one through the `ray job submit` CLI as the README documents. The chain is
 train-teacher (CLI), then distillation while a worker node is killed, then scoring, evaluation,
-export and pruning of the student that survived. Two fault tests measure what a failure costs:
-a killed worker node during distillation, and a stopped job driver whose job is submitted again.
+export and pruning of the student that survived. Four fault tests measure what a failure costs.
+Two are a killed worker node during distillation and a stopped job driver whose job is submitted
+again. The others kill the inference actor while real frames are scored, and inject transient S3
+errors while a distillation job stores its checkpoints in moto's S3 server on 127.0.0.1.
 
 Jobs that do not depend on each other run at the same time, because each job starts a driver,
 Ray Train or Tune actors and worker processes, which costs tens of seconds of CPU on two cores.
 """
 
 import json
+import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import boto3
 import pandas as pd
 import pytest
 import requests
-from PIL import Image
 
 from cervi_ray.checkpoint import load_model, load_training_state
+from cervi_ray.config import load_config
+from cervi_ray.scoring.resolution import model_resolution
+from faults import (
+    CHECKPOINT_FILES,
+    DISTILLATION_FILES,
+    check_checkpoint_bucket,
+    check_each_tile_once,
+    expected_tiles,
+    injected,
+)
 from multinode import (
     RAY_CLI,
     REPO_ROOT,
+    TERMINAL_JOB_STATES,
     JobRunner,
     LocalRayCluster,
     RayNode,
@@ -107,8 +123,8 @@ def jobs(cluster, data_root) -> JobRunner:
 def baby_arguments(output_dir: Path, run_name: str, *overrides: str) -> list[str]:
     """Return `--config` and `--set` options for the baby profile with outputs under output_dir.
 
-    MLflow tracking is off: test_tracking.py covers it, and here several jobs at once would
-    share one SQLite store.
+    MLflow tracking is off unless an override turns it on, because jobs that share an output_dir
+    would share one SQLite store.
     """
     arguments = ["--config", BABY_CONFIG]
     settings = [f"run.output_dir={output_dir}", f"run.name={run_name}", "tracking.enabled=false", *overrides]
@@ -411,28 +427,145 @@ def test_distillation_survives_worker_node_loss(node_loss_run, cluster):
 # Jobs on the distilled student, and the independent ones, submitted together.
 
 
-def write_test_slide(folder: Path) -> None:
-    """Write one small grey-scale slide with one dark cell."""
+SEGMENTER_CLASS = "TileSegmenter"  # Ray Data names the actor class MapWorker(MapBatches(TileSegmenter))
+# Real ISBI 2015 EDF frames (1024 x 1024) are scored as slides at the model's pixel size, 64 tiles
+# each. About 290 tiles of the 8 frames contain cells. They reach the inference actor in blocks of
+# 16 (scoring.tiles_per_read_task), so it still has most blocks to label after the kill.
+SCORE_SETTINGS = [
+    "scoring.tile_size=128", "scoring.overlap=0", "scoring.slide_mpp=1.0",
+    "scoring.tta=[identity,hflip]", "scoring.batch_size=16",
+]
+FAULTS_BUCKET = "faults"
+# The demo job tracks to its own MLflow store and TensorBoard folder under its run.output_dir.
+DEMO_SETTINGS = [
+    "teacher_train.epochs=2", "student_train.epochs=1", "eval.n_boot=10", "eval.overlays=1", "eval.latency_runs=1",
+    "tracking.enabled=true",
+]
+
+
+def link_edf_frames(data_root: Path, folder: Path) -> int:
+    """Link the ISBI 2015 EDF frames into `folder` as single-level slides and return their count."""
     folder.mkdir(parents=True)
-    pixels = np.full((120, 160), 235, dtype=np.uint8)
-    pixels[30:70, 40:90] = 140
-    pixels[45:55, 60:70] = 40
-    Image.fromarray(pixels).save(folder / "synthetic.png")
+    frames = sorted((data_root / "isbi2015" / "Training" / "EDF").glob("frame*.png"))
+    assert len(frames) >= 6, f"expected the ISBI 2015 EDF frames under {data_root}, found {len(frames)}"
+    for frame in frames:
+        (folder / frame.name).symlink_to(frame)
+    return len(frames)
+
+
+@dataclass
+class ActorKill:
+    """What the test saw when it SIGKILLed the scoring job's inference actor."""
+
+    actor_id: str
+    pid: int
+    node: str
+    blocks_done: int  # blocks of tiles the actor had labelled, as far as the state API showed
+    slides_committed: int  # slide summaries in the output
+
+
+def labelled_blocks(cluster: LocalRayCluster, actor_id: str) -> list[dict[str, Any]]:
+    """Return the finished `submit` calls of a Ray Data actor, one per input block, from the state API.
+
+    Workers send task events to the GCS about once a second, so the newest calls may be missing.
+    """
+    rows = cluster.state_api("tasks", {"actor_id": actor_id, "state": "FINISHED"})
+    return [row for row in rows if row["name"].endswith(".submit")]
+
+
+class ScoringActorKiller(threading.Thread):
+    """Kill the scoring job's inference actor after it has labelled a few blocks, in the background.
+
+    The other jobs and the resume test go on meanwhile. result() returns the ActorKill or raises
+    what went wrong, for example the job ending first.
+    """
+
+    BLOCKS_BEFORE_KILL = 3
+
+    def __init__(self, cluster: LocalRayCluster, runner: JobRunner, job: SubmittedJob, output: Path):
+        super().__init__(name="scoring-actor-killer", daemon=True)
+        self.cluster, self.runner, self.job, self.output = cluster, runner, job, output
+        self.kill: ActorKill | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.kill = self._kill_after_blocks()
+        except BaseException as error:  # re-raised by result(), in the test's thread
+            self.error = error
+
+    def _check_running(self) -> None:
+        status = self.runner.status(self.job)
+        if status in TERMINAL_JOB_STATES:
+            raise AssertionError(f"scoring job {self.job.job_id} ended {status} before its inference actor was killed")
+
+    def _segmenter(self, ray_job_id: str) -> dict[str, Any] | None:
+        self._check_running()
+        filters = {"job_id": ray_job_id, "state": "ALIVE"}
+        actors = [row for row in self.cluster.state_api("actors", filters) if SEGMENTER_CLASS in row["class_name"]]
+        return actors[0] if actors else None
+
+    def _kill_after_blocks(self) -> ActorKill:
+        ray_job_id = self.runner.ray_job_id(self.job)
+        actor = wait_until(
+            lambda: self._segmenter(ray_job_id), JOB_TIMEOUT_S, f"the inference actor of job {self.job.job_id}",
+            interval_s=0.5,
+        )
+
+        def blocks_done() -> int | None:
+            self._check_running()
+            done = len(labelled_blocks(self.cluster, actor["actor_id"]))
+            return done if done >= self.BLOCKS_BEFORE_KILL else None
+
+        done = wait_until(blocks_done, JOB_TIMEOUT_S, f"{self.BLOCKS_BEFORE_KILL} labelled blocks", interval_s=0.5)
+        os.kill(actor["pid"], signal.SIGKILL)
+        committed = len(list((self.output / "slides").glob("*.parquet")))
+        node = self.cluster.node_by_ray_id(actor["node_id"])
+        return ActorKill(actor["actor_id"], actor["pid"], node.name, done, committed)
+
+    def result(self, timeout_s: float) -> ActorKill:
+        self.join(timeout_s)
+        if self.is_alive():
+            raise AssertionError(f"the scoring actor was not killed within {timeout_s:.0f} s")
+        if self.error is not None:
+            raise self.error
+        return self.kill
+
+
+@dataclass
+class ConcurrentJobs:
+    submitted: dict[str, SubmittedJob]
+    arguments: dict[str, list[str]]
+    actor_killer: ScoringActorKiller
+    student: Path  # the distilled student's checkpoint that the jobs use
+    attempts_log: Path  # storage attempts and injected failures of the storage_faults job
 
 
 @pytest.fixture(scope="module")
-def concurrent_jobs(jobs, workspace, node_loss_run) -> dict[str, SubmittedJob]:
-    """Submit the student's jobs (score, evaluate, export, prune) and the cv and demo jobs at once."""
+def faults_bucket(module_s3_server):
+    client = boto3.client("s3", endpoint_url=module_s3_server)
+    client.create_bucket(Bucket=FAULTS_BUCKET)
+    return client
+
+
+@pytest.fixture(scope="module")
+def concurrent_jobs(cluster, jobs, workspace, data_root, node_loss_run, teacher_run, module_s3_server, faults_bucket):
+    """Submit the student's jobs (score, evaluate, export, prune), cv, demo, ablation and storage_faults at once.
+
+    The score job's inference actor is killed after it has labelled a few blocks of tiles. The
+    storage_faults job distils a student with checkpoints in moto's S3, through a filesystem
+    that fails the first attempts of each request.
+    """
     runs = workspace / "runs"
     checkpoints = registered_checkpoints(node_loss_run.run_folder)
     student = checkpoints[max(checkpoints)]
     slides = workspace / "slides"
-    write_test_slide(slides)
+    link_edf_frames(data_root, slides)
+    attempts_log = workspace / "storage-attempts.log"
     commands = {
         "score": [
             "python", "jobs/score.py", "--input", str(slides), "--checkpoint", str(student),
-            "--output", str(workspace / "scores"),
-            *baby_arguments(runs, "score", "scoring.tile_size=64", "scoring.overlap=0", "scoring.slide_mpp=1.0"),
+            "--output", str(workspace / "scores"), *baby_arguments(runs, "score", *SCORE_SETTINGS),
         ],
         "evaluate": [
             "python", "jobs/evaluate.py", "--checkpoint", str(student), "--output", str(workspace / "evaluate"),
@@ -449,6 +582,14 @@ def concurrent_jobs(jobs, workspace, node_loss_run) -> dict[str, SubmittedJob]:
                 "prune.finetune.epochs=1", "prune.finetune.val_every=1", "prune.tolerance=1.0",
             ),
         ],
+        "storage_faults": [
+            "python", "tests/storage_fault_job.py", str(attempts_log), "distill", "--teacher", str(teacher_run.best_checkpoint),
+            *baby_arguments(
+                runs, "faults", "student_train.epochs=3", "student_train.val_every=1", "run.checkpoints_to_keep=2",
+                f"run.storage_path=s3://{FAULTS_BUCKET}/ray", f"run.storage_endpoint_url={module_s3_server}",
+                "run.storage_retries=3", "run.storage_retry_delay=0.05",
+            ),
+        ],
         # Own output folders: these create their splits file while the jobs above read theirs.
         "cv": [
             "python", "jobs/cv.py",
@@ -456,15 +597,24 @@ def concurrent_jobs(jobs, workspace, node_loss_run) -> dict[str, SubmittedJob]:
                 workspace / "cv-runs", "cv", "cv.folds=[0]", "cv.sources=[isbi2014_train45]", "teacher_train.epochs=1",
             ),
         ],
-        "demo": [
-            "python", "jobs/demo.py",
+        "demo": ["python", "jobs/demo.py", *baby_arguments(workspace / "demo-runs", "demo", *DEMO_SETTINGS)],
+        # One worker, one epoch per training and the 8 ISBI 2015 frames: the test checks the
+        # table's rows and their relations, and Ray Train's start-up per training dominates its time.
+        "ablation": [
+            "python", "jobs/ablation.py",
             *baby_arguments(
-                workspace / "demo-runs", "demo", "teacher_train.epochs=1", "student_train.epochs=1",
-                "eval.n_boot=10", "eval.overlays=1", "eval.latency_runs=1",
+                workspace / "ablation-runs", "ablation", "ablation.baselines=[unet]", "prune.finetune.epochs=1",
+                "prune.finetune.val_every=1", "eval.tta=[identity,hflip]", "scaling.num_workers=1",
+                "teacher_train.epochs=1", "student_train.epochs=1", "eval.n_boot=10",
+                "data.sources=[{name: isbi2015, kind: isbi2015, path: isbi2015/Training}]",
             ),
         ],
     }
-    return {name: jobs.start(arguments) for name, arguments in commands.items()}
+    submitted = {name: jobs.start(arguments) for name, arguments in commands.items()}
+    # The killer polls with a client of its own, because requests sessions are not thread-safe.
+    killer = ScoringActorKiller(cluster, JobRunner(cluster, jobs.runtime_env), submitted["score"], workspace / "scores")
+    killer.start()
+    return ConcurrentJobs(submitted, commands, killer, student, attempts_log)
 
 
 def test_stopped_job_resumes_from_checkpoint(cluster, jobs, workspace, concurrent_jobs):
@@ -507,18 +657,60 @@ def test_stopped_job_resumes_from_checkpoint(cluster, jobs, workspace, concurren
     print(f"\n{describe_loss('stopped driver', run_folder, interruption, final)}. Second job {second.seconds:.0f} s")
 
 
-def test_score_job(jobs, concurrent_jobs, workspace):
-    jobs.finish(concurrent_jobs["score"], JOB_TIMEOUT_S)
+def test_score_job_survives_actor_kill(cluster, jobs, concurrent_jobs, workspace):
+    kill = concurrent_jobs.actor_killer.result(JOB_TIMEOUT_S)
+    outcome = jobs.finish(concurrent_jobs.submitted["score"], JOB_TIMEOUT_S)
 
-    summary = pd.read_parquet(workspace / "scores" / "slides")
-    assert summary["status"].tolist() == ["ok"]
-    assert summary["tiles_scored"].iloc[0] >= 1
-    tiles = pd.read_parquet(workspace / "scores" / "tiles")
-    assert len(tiles) == summary["tiles_scored"].sum()
+    # Ray restarted the killed actor in a new process, which labelled the rest of the tiles.
+    blocks_by_pid = Counter(row["worker_pid"] for row in labelled_blocks(cluster, kill.actor_id))
+    assert blocks_by_pid[kill.pid] >= kill.blocks_done
+    after_kill = sum(count for pid, count in blocks_by_pid.items() if pid != kill.pid)
+    assert after_kill > 0, "no block was labelled after the kill; the kill came too late to test anything"
+
+    # A slide that the kill left failed is scored again by a rerun, which skips the complete ones.
+    summaries = pd.read_parquet(workspace / "scores" / "slides")
+    rerun = None
+    if not (summaries["status"] == "ok").all():
+        rerun = jobs.run(concurrent_jobs.arguments["score"], JOB_TIMEOUT_S)
+
+    slides = workspace / "slides"
+    config = load_config(REPO_ROOT / BABY_CONFIG, SCORE_SETTINGS)
+    model_mpp = model_resolution(read_meta(concurrent_jobs.student), None).mpp
+    counts = check_each_tile_once(workspace / "scores", expected_tiles(config.scoring, slides, model_mpp))
+    print(
+        f"\nscoring actor kill: SIGKILLed the inference actor (pid {kill.pid} on {kill.node}) after "
+        f"{blocks_by_pid[kill.pid]} blocks of tiles, {kill.slides_committed} of {counts['slides']} slides committed; "
+        f"its replacement labelled {after_kill} blocks. {counts['tiles']} tiles, each once, "
+        f"{'after a rerun' if rerun else 'without a rerun'}. Job {outcome.seconds:.0f} s"
+    )
+
+
+def test_checkpoint_uploads_survive_storage_faults(cluster, jobs, concurrent_jobs, faults_bucket, workspace):
+    job = concurrent_jobs.submitted["storage_faults"]
+    outcome = jobs.finish(job, JOB_TIMEOUT_S)
+
+    failures = injected(concurrent_jobs.attempts_log)
+    checkpoint_writes = [path for path in failures["write"] if "/checkpoint_" in path]
+    assert any(path.endswith("/model.safetensors") for path in checkpoint_writes)
+    assert any(path.endswith("/meta.json") for path in checkpoint_writes)
+    assert failures["open"], "no download met an injected failure"
+    epochs = check_checkpoint_bucket(
+        faults_bucket, FAULTS_BUCKET, "ray/faults-student/", workspace / "download", "student",
+        files=CHECKPOINT_FILES | DISTILLATION_FILES,
+    )
+    assert len(epochs) == 2  # run.checkpoints_to_keep
+    assert 3 in epochs
+    nodes = sorted({node.name for node in train_worker_nodes(cluster, jobs.ray_job_id(job), alive_only=False)})
+    print(
+        f"\nstorage faults: {len(failures['write'])} failed writes ({len(checkpoint_writes)} of checkpoint files), "
+        f"{len(failures['open'])} failed opens, {len(failures['read'])} failed reads, all retried; training "
+        f"workers on {nodes}; the bucket holds the registered checkpoints of epochs {epochs} and nothing "
+        f"half-written. Job {outcome.seconds:.0f} s"
+    )
 
 
 def test_evaluate_job(jobs, concurrent_jobs, workspace):
-    jobs.finish(concurrent_jobs["evaluate"], JOB_TIMEOUT_S)
+    jobs.finish(concurrent_jobs.submitted["evaluate"], JOB_TIMEOUT_S)
 
     metrics = json.loads((workspace / "evaluate" / "model" / "metrics.json").read_text())
     assert metrics["sets"]["isbi2014_edf_real"]["pixel"]["nucleus"]["dice"] is not None
@@ -526,7 +718,7 @@ def test_evaluate_job(jobs, concurrent_jobs, workspace):
 
 
 def test_export_job(jobs, concurrent_jobs, workspace):
-    jobs.finish(concurrent_jobs["export"], JOB_TIMEOUT_S)
+    jobs.finish(concurrent_jobs.submitted["export"], JOB_TIMEOUT_S)
 
     bundle = workspace / "bundle"
     assert (bundle / "model.onnx").is_file()
@@ -535,14 +727,14 @@ def test_export_job(jobs, concurrent_jobs, workspace):
 
 
 def test_prune_job(jobs, concurrent_jobs, workspace):
-    jobs.finish(concurrent_jobs["prune"], JOB_TIMEOUT_S)
+    jobs.finish(concurrent_jobs.submitted["prune"], JOB_TIMEOUT_S)
 
     markdown = workspace / "runs" / "prune" / "prune" / "prune" / "prune.md"
     assert "val_dice_after_finetune" in markdown.read_text()
 
 
 def test_cv_job(jobs, concurrent_jobs, workspace):
-    jobs.finish(concurrent_jobs["cv"], JOB_TIMEOUT_S)
+    jobs.finish(concurrent_jobs.submitted["cv"], JOB_TIMEOUT_S)
 
     folds = pd.read_parquet(workspace / "cv-runs" / "cv" / "cv" / "cv" / "folds.parquet")
     assert folds["fold"].tolist() == [0]
@@ -550,10 +742,65 @@ def test_cv_job(jobs, concurrent_jobs, workspace):
 
 
 def test_demo_job(jobs, concurrent_jobs, workspace):
-    jobs.finish(concurrent_jobs["demo"], JOB_TIMEOUT_S)
+    jobs.finish(concurrent_jobs.submitted["demo"], JOB_TIMEOUT_S)
 
+    config = load_config(REPO_ROOT / BABY_CONFIG, [f"run.output_dir={workspace / 'demo-runs'}", "run.name=demo", *DEMO_SETTINGS])
     run_dir = workspace / "demo-runs" / "demo"
-    assert "| student |" in (run_dir / "report.md").read_text()
+    text = (run_dir / "report.md").read_text()
+    assert "EDF real images, nucleus Dice" in text
+    assert "| teacher |" in text
+    assert "| student |" in text
+    for name in ("teacher", "student"):
+        metrics = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
+        assert metrics["sets"]["isbi2014_edf_real"]["pixel"]["nucleus"]["dice"] is not None
+        assert metrics["sets"]["isbi2015"]["pixel"]["cell"]["dice"] is not None
+        assert metrics["complexity"]["parameters"] > 0
+        assert list((run_dir / "eval" / name / "overlays").rglob("*.png"))
+        assert (run_dir / f"curves_{name}.png").stat().st_size > 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["training"]["teacher"]["epochs_run"] == 1
+    assert summary["training"]["teacher"]["epochs_run"] == 2
     assert summary["training"]["student"]["epochs_run"] == 1
+    assert (run_dir / "manifest.parquet").is_file()
+
+    # The demo is one MLflow parent run with the two training runs nested under it, which their
+    # rank-0 workers logged from the nodes they ran on. Each training run left TensorBoard scalars
+    # that TensorBoard's own reader opens.
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cervi_ray.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(config.tracking.experiment_name)
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["demo", "demo-student", "demo-teacher"]
+    parent = runs["demo"]
+    assert parent.info.status == "FINISHED"
+    assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"report.md", "summary.json"}
+    for name in ("teacher", "student"):
+        run = runs[f"demo-{name}"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["task"] == name
+        history = client.get_metric_history(run.info.run_id, "val_dice")
+        assert [metric.step for metric in history] == list(range(1, summary["training"][name]["epochs_run"] + 1))
+        events = EventAccumulator(str(workspace / "demo-runs" / "tensorboard" / f"demo-{name}"))
+        events.Reload()
+        assert len(events.Scalars("val_dice")) == len(history)
+
+
+def test_ablation_job(jobs, concurrent_jobs, workspace):
+    jobs.finish(concurrent_jobs.submitted["ablation"], JOB_TIMEOUT_S)
+
+    folder = workspace / "ablation-runs" / "ablation" / "ablation"
+    table = pd.read_parquet(folder / "ablation.parquet")
+    assert list(table["model"]) == [
+        "student", "student + pruning", "student + distillation", "student + pruning + distillation",
+        "student + distillation + TTA", "student + pruning + distillation + TTA", "teacher (DeepLabV3+)", "U-Net",
+    ]
+    by_model = table.set_index("model")
+    assert by_model.loc["student + pruning", "parameters"] < by_model.loc["student", "parameters"]
+    assert by_model.loc["student + distillation + TTA", "tta_views"] == 2
+    assert by_model.loc["student + distillation + TTA", "gmacs"] == pytest.approx(
+        2 * by_model.loc["student + distillation", "gmacs"], rel=1e-6
+    )
+    assert "| student + pruning + distillation + TTA |" in (folder / "ablation.md").read_text()

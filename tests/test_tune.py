@@ -172,31 +172,3 @@ def test_select_stops_at_first_drop():
     selection = select(table, reference=0.80, tolerance=0.02)
     assert selection["magnitude"]["sparsity"] == 0.2
     assert "structured" not in selection
-
-
-@pytest.mark.slow
-def test_ablation_end_to_end(ray_cluster, baby_config):
-    from cervi_ray.ablation import run_ablation
-
-    # One worker, one epoch per training and the 8 ISBI 2015 frames: the test checks the table's
-    # rows and their relations, and Ray Train's start-up per training dominates its time.
-    config = with_overrides(
-        baby_config, run__name="ablation", ablation__baselines=["unet"], prune__finetune__epochs=1,
-        prune__finetune__val_every=1, eval__tta=["identity", "hflip"], scaling__num_workers=1,
-        teacher_train__epochs=1, student_train__epochs=1, eval__n_boot=10,
-        data__sources=[{"name": "isbi2015", "kind": "isbi2015", "path": "isbi2015/Training"}],
-    )
-    path = run_ablation(config)
-    table = pd.read_parquet(path.parent / "ablation.parquet")
-    assert list(table["model"]) == [
-        "student", "student + pruning", "student + distillation", "student + pruning + distillation",
-        "student + distillation + TTA", "student + pruning + distillation + TTA", "teacher (DeepLabV3+)", "U-Net",
-    ]
-    by_model = table.set_index("model")
-    assert by_model.loc["student + pruning", "parameters"] < by_model.loc["student", "parameters"]
-    assert by_model.loc["student + distillation + TTA", "tta_views"] == 2
-    assert by_model.loc["student + distillation + TTA", "gmacs"] == pytest.approx(
-        2 * by_model.loc["student + distillation", "gmacs"], rel=1e-6
-    )
-    text = path.read_text()
-    assert "| student + pruning + distillation + TTA |" in text

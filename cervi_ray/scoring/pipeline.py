@@ -140,7 +140,7 @@ def build_dataset(
         # Label the tiles with TTA in a pool of actors, each loading the model once. Ray Data 2.60
         # starts a killed or crashed actor again (max_restarts=-1) and retries its unfinished
         # batches (max_task_retries=-1) by default. Setting these here would need ray_remote_args,
-        # which Ray 2.60 deprecates. tests/test_scoring_faults.py kills the actor mid-run.
+        # which Ray 2.60 deprecates. tests/test_multinode.py kills the actor of a scoring job mid-run.
         # NOTE: the retries are unlimited. A batch that kills every actor it reaches (out of
         # memory) keeps the job retrying, so lower scoring.batch_size if the log shows restarts.
         .map_batches(
