@@ -193,7 +193,13 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
         reshape_to(model, meta[PRUNED_SHAPES_KEY])
     weights_path = folder / MODEL_FILE
     if not weights_path.is_file():
-        raise FileNotFoundError(f"checkpoint {folder} has no {MODEL_FILE}")
+        pickled = sorted(path.name for path in folder.glob("*.pt*") if path.name != TRAINING_STATE_FILE)
+        found = f" (found {', '.join(pickled)}, which cervi_ray does not load because pickles can run code)" if pickled else ""
+        raise FileNotFoundError(
+            f"checkpoint {folder} has no {MODEL_FILE}{found}. Pass a checkpoint folder that cervi_ray "
+            f"wrote (train-teacher, distill, prune or export), or save the state dict with "
+            f"safetensors.torch.save_file as {MODEL_FILE} beside {META_FILE}."
+        )
     state = remap_state_dict(load_weights(weights_path), meta)
     _check_weight_shapes(model, state, weights_path)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -99,16 +99,16 @@ def cmd_demo(config: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_train(config: Config, args: argparse.Namespace, task: str) -> None:
-    from cervi_ray.pipeline import checkpoint_from_uri, prepare_data
+    from cervi_ray.pipeline import loadable_checkpoint, prepare_data
     from cervi_ray.train.trainer import fit
 
-    rows = prepare_data(config).to_dict(orient="records")
     teacher = None
     if task == "student":
         uri = args.teacher or config.distill.teacher_checkpoint
         if uri is None:
             raise ConfigError("distill needs --teacher CHECKPOINT or distill.teacher_checkpoint in the config")
-        teacher = checkpoint_from_uri(uri, config.run.storage_endpoint_url)
+        teacher = loadable_checkpoint(uri, config.run.storage_endpoint_url)
+    rows = prepare_data(config).to_dict(orient="records")
     outcome = fit(config, task, rows, teacher_checkpoint=teacher)
     print(json.dumps({
         "best_checkpoint": outcome.best_checkpoint.path,
@@ -145,7 +145,7 @@ def cmd_cv(config: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_prune(config: Config, args: argparse.Namespace) -> None:
-    from cervi_ray.pipeline import best_checkpoint_of_run, checkpoint_from_uri, prepare_data
+    from cervi_ray.pipeline import best_checkpoint_of_run, loadable_checkpoint, prepare_data
     from cervi_ray.train.trainer import ensure_ray
     from cervi_ray.tune.prune import run_prune_search, write_prune_outputs
 
@@ -153,8 +153,8 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> None:
     student_uri = args.student or config.prune.student_checkpoint
     teacher_uri = args.teacher or config.prune.teacher_checkpoint
     # Default: the best checkpoints of this run name's demo training runs.
-    student = checkpoint_from_uri(student_uri, endpoint) if student_uri else best_checkpoint_of_run(config, "student")
-    teacher = checkpoint_from_uri(teacher_uri, endpoint) if teacher_uri else best_checkpoint_of_run(config, "teacher")
+    student = loadable_checkpoint(student_uri, endpoint) if student_uri else best_checkpoint_of_run(config, "student")
+    teacher = loadable_checkpoint(teacher_uri, endpoint) if teacher_uri else best_checkpoint_of_run(config, "teacher")
     if student is None:
         raise ConfigError(
             f"no student checkpoint: run the demo with run.name={config.run.name!r} first, or pass "

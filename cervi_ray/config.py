@@ -5,6 +5,7 @@ of being ignored. The resolved config is saved next to every output and inside e
 checkpoint.
 """
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,11 +17,24 @@ from cervi_ray.data.labels import NUM_CLASSES
 from cervi_ray.retrying_fs import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY
 
 DATA_ROOT_ENV = "CERVI_RAY_DATA"
+# Ray's job supervisor sets this in the driver of a submitted job: the JobConfig as JSON, with
+# the job's runtime_env (Ray 2.60, ray.dashboard.modules.job.job_supervisor).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 DEFAULT_DATA_ROOT = "../shared/data"  # relative to the working directory
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used, with the key and the fix."""
+
+
+def _in_ray_working_dir_copy() -> bool:
+    """Return True in the driver of a Ray job submitted with a working_dir, whose current folder is Ray's copy."""
+    try:
+        job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}")
+    except json.JSONDecodeError:
+        return False
+    runtime_env = job_config.get("runtime_env") if isinstance(job_config, dict) else None
+    return isinstance(runtime_env, dict) and bool(runtime_env.get("working_dir"))
 
 
 class Section(BaseModel):
@@ -406,12 +420,29 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     for override in overrides or []:
         _apply_override(tree, override)
     try:
-        return config_from_dict(tree, origin=f"config {path}")
+        config = config_from_dict(tree, origin=f"config {path}")
     except ConfigError as e:
         raise ConfigError(
             f"{e}\nAdd, correct or remove these keys in {path} or in the --set overrides. The classes in "
             "cervi_ray/config.py list every key with its type and default."
         ) from None
+    _check_output_dir_kept(config)
+    return config
+
+
+def _check_output_dir_kept(config: Config) -> None:
+    """Raise ConfigError when run.output_dir lies in the temporary working_dir copy of a Ray job."""
+    if not _in_ray_working_dir_copy():
+        return
+    working_copy = Path.cwd().resolve()
+    output_dir = Path(config.run.output_dir)
+    if output_dir == working_copy or working_copy in output_dir.parents:
+        raise ConfigError(
+            f"run.output_dir {output_dir} is inside {working_copy}, the copy of the job's working_dir that "
+            "Ray deletes once no job uses it, so the run's reports and metrics would be lost. Set an absolute "
+            "path outside it (on a multi-node cluster, a folder every node shares), e.g. "
+            "--set run.output_dir=/results"
+        )
 
 
 def dump_config(config: Config) -> str:

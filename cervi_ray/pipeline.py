@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 
-from cervi_ray.checkpoint import MODEL_FILE, code_version
+from cervi_ray.checkpoint import MODEL_FILE, code_version, load_model
 from cervi_ray.config import Config, save_config
 from cervi_ray.data.manifest import build_manifest, write_manifest
 from cervi_ray.data.splits import assign_split, load_or_create_splits
@@ -85,6 +85,18 @@ def checkpoint_from_uri(uri: str, endpoint_url: str | None = None) -> ray.train.
     if filesystem is None and not Path(path).is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} not found")
     return ray.train.Checkpoint(path, filesystem=filesystem)
+
+
+def loadable_checkpoint(uri: str, endpoint_url: str | None = None) -> ray.train.Checkpoint:
+    """Return checkpoint_from_uri(uri) after loading its model once on the driver.
+
+    A missing, damaged or pickled checkpoint then fails with its error before Ray Train starts
+    workers (which would each fail and be retried). An s3:// checkpoint is downloaded for this.
+    """
+    checkpoint = checkpoint_from_uri(uri, endpoint_url)
+    with checkpoint.as_directory() as folder:
+        load_model(folder)
+    return checkpoint
 
 
 def best_checkpoint_of_run(config: Config, label: str) -> ray.train.Checkpoint | None:

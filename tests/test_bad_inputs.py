@@ -389,6 +389,33 @@ def test_bad_checkpoint_description_exits_2(baby_config, tmp_path, capsys, conte
     assert "Traceback" not in error
 
 
+def test_distill_rejects_pickled_teacher_early(baby_config, pickled_weights_checkpoint, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    command = ["distill", "--config", str(BABY), "--set", f"run.output_dir={runs}", "--set", "tracking.enabled=false",
+               "--teacher", str(pickled_weights_checkpoint)]
+    assert main(command) == 2
+    error = capsys.readouterr().err
+    assert f"cannot read weights {pickled_weights_checkpoint / MODEL_FILE}" in error
+    assert "Traceback" not in error
+    assert not (tmp_path / "pickle_payload_ran").exists()
+    # The teacher is checked on the driver before the manifest is built or Ray Train starts.
+    assert not runs.exists()
+
+
+def test_distill_names_pickle_beside_missing_weights(baby_config, tmp_path, capsys):
+    folder = tmp_path / "teacher"
+    save_checkpoint(folder, build_model("teacher", baby_config.model, 3), describe_model(baby_config, "teacher"))
+    (folder / MODEL_FILE).unlink()
+    write_pickle_payload(folder / "model.pt", tmp_path / "pickle_payload_ran")
+    command = ["distill", "--config", str(BABY), "--set", f"run.output_dir={tmp_path / 'runs'}",
+               "--set", "tracking.enabled=false", "--teacher", str(folder)]
+    assert main(command) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {folder} has no {MODEL_FILE} (found model.pt" in error
+    assert "safetensors.torch.save_file" in error
+    assert not (tmp_path / "pickle_payload_ran").exists()
+
+
 # Scoring an archive with bad slides next to good ones.
 
 

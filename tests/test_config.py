@@ -107,3 +107,27 @@ def test_output_dir_made_absolute(tmp_path, monkeypatch):
     config = load_config(CONFIGS / "baby.yaml")
     assert config.run.output_dir == str(tmp_path / "runs")
     assert config_from_dict(config.model_dump(mode="json")).run.output_dir == str(tmp_path / "runs")
+
+
+def test_output_dir_in_ray_working_copy_rejected(tmp_path, monkeypatch):
+    # The driver of a job submitted with --working-dir runs in Ray's temporary copy of that folder.
+    working_copy = tmp_path / "working_dir_files" / "_ray_pkg_0123"
+    working_copy.mkdir(parents=True)
+    monkeypatch.chdir(working_copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}')
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(CONFIGS / "baby.yaml")
+    message = str(raised.value)
+    assert f"run.output_dir {working_copy / 'runs'} is inside {working_copy}" in message
+    assert "--set run.output_dir=" in message
+
+    kept = load_config(CONFIGS / "baby.yaml", [f"run.output_dir={tmp_path / 'results'}"])
+    assert kept.run.output_dir == str(tmp_path / "results")
+
+
+def test_output_dir_relative_without_ray_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # a job without working_dir
+
+    assert load_config(CONFIGS / "baby.yaml").run.output_dir == str(tmp_path / "runs")

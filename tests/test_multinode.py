@@ -306,6 +306,16 @@ def test_working_dir_leaves_out_ignored_files(jobs):
         assert ignored not in files
 
 
+def test_output_dir_in_working_copy_rejected(jobs):
+    # Without run.output_dir the driver would write under Ray's copy of the working_dir.
+    outcome = jobs.wait(jobs.start(["python", "jobs/train_teacher.py", "--config", BABY_CONFIG]), timeout_s=120)
+
+    assert outcome.status == "FAILED"
+    assert "run.output_dir" in outcome.logs
+    assert "the copy of the job's working_dir that Ray deletes" in outcome.logs
+    assert "Traceback" not in outcome.logs
+
+
 # The chain: teacher through the CLI, distillation through a node loss, then the student's jobs.
 
 

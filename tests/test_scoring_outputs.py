@@ -69,6 +69,17 @@ def test_list_local_folder(tmp_path):
     assert slides[0].uri == str(tmp_path / "a.png")
 
 
+def test_listing_names_files_sharing_a_name(tmp_path):
+    for name in ("a.png", "a.tif", "b.svs"):
+        (tmp_path / name).write_bytes(b"x")
+
+    with pytest.raises(ValueError) as raised:
+        list_slides(str(tmp_path), None, SlideStorage())
+    message = str(raised.value)
+    assert f"'a': {tmp_path / 'a.png'}, {tmp_path / 'a.tif'}" in message
+    assert "slide_id column" in message
+
+
 def test_listing_skips_output_inside_input(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "results" / "heatmaps").mkdir(parents=True)

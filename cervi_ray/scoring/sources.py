@@ -179,5 +179,16 @@ def list_slides(
     repeated = sorted(uri for uri, count in Counter(uri for _, uri in entries).items() if count > 1)
     if repeated:
         raise ValueError(f"slides listed more than once: {repeated[:5]}. List each slide once")
+    uris_by_name: dict[str, list[str]] = {}
+    for name, uri in entries:
+        uris_by_name.setdefault(name, []).append(uri)
+    clashes = {name: uris for name, uris in sorted(uris_by_name.items()) if len(uris) > 1}
+    if clashes:
+        examples = "; ".join(f"{name!r}: {', '.join(uris)}" for name, uris in list(clashes.items())[:3])
+        raise ValueError(
+            f"{len(clashes)} slide names belong to more than one file ({examples}). Slide ids come from file "
+            "names without extension, so rename or move the extra files, or list the slides in a manifest "
+            "with a slide_id column"
+        )
     ids = assign_slide_ids([name for name, _ in entries])
     return [SlideSource(slide_id, uri, name) for slide_id, (name, uri) in zip(ids, entries)]
