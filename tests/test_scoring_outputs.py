@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cervi_ray.scoring.outputs import (
+    CommittedSlide,
     OutputStore,
     check_slide_id,
     render_heatmap,
@@ -18,7 +19,8 @@ from cervi_ray.scoring.outputs import (
     tile_table,
 )
 from cervi_ray.scoring.slides import SlideStorage
-from cervi_ray.scoring.sources import assign_slide_ids, list_slides, safe_slide_id
+from cervi_ray.scoring.pipeline import warn_changed_sources
+from cervi_ray.scoring.sources import SlideSource, assign_slide_ids, list_slides, safe_slide_id
 from cervi_ray.scoring.stages import STAGE_SCHEMA
 
 HOSTILE_NAMES = ["../../etc/passwd", "..", ".", "/abs/path/slide", "a\\..\\..\\b", "..\\x", ".hidden", "_private", ""]
@@ -172,8 +174,26 @@ def test_commit_layout_and_resume_state(tmp_path):
     store.commit_slide("s1", tiles, summary, b"png")
     files = sorted(str(path.relative_to(tmp_path / "out")) for path in (tmp_path / "out").rglob("*") if path.is_file())
     assert files == ["heatmaps/s1.png", "slides/s1.parquet", "tiles/s1.parquet"]
-    assert store.completed() == {"s1": "ok"}
+    assert store.completed() == {"s1": CommittedSlide("ok", "u")}
     assert pd.read_parquet(tmp_path / "out" / "tiles").shape[0] == 3
+
+
+def test_rerun_warns_of_replaced_source(caplog):
+    slides = [SlideSource("a", "/archive/a.svs", "a"), SlideSource("b", "/moved/b.svs", "b"),
+              SlideSource("c", "/moved/c.svs", "c")]
+    committed = {
+        "a": CommittedSlide("ok", "/archive/a.svs"),
+        "b": CommittedSlide("ok", "/archive/b.svs"),
+        "c": CommittedSlide("failed", "/archive/c.svs"),  # scored again anyway
+    }
+
+    with caplog.at_level("WARNING", logger="cervi_ray.scoring.pipeline"):
+        warn_changed_sources(slides, committed)
+
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert "scored from another file than the one listed now" in warnings[0]
+    assert "kept: b (1 in all)" in warnings[0]
 
 
 def test_unreadable_summary_counts_as_incomplete(tmp_path):
@@ -181,7 +201,7 @@ def test_unreadable_summary_counts_as_incomplete(tmp_path):
     tiles = tile_table(_stage_rows(), "m", "v")
     store.commit_slide("s1", tiles, slide_summary("s1", "u", INFO, tiles, 10, "m", "v"), None)
     (tmp_path / "out" / "slides" / "s2.parquet").write_bytes(b"not parquet")
-    assert store.completed() == {"s1": "ok"}
+    assert store.completed() == {"s1": CommittedSlide("ok", "u")}
 
 
 def test_commit_rejects_unsafe_id(tmp_path):

@@ -19,6 +19,7 @@ import json
 import logging
 import posixpath
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -73,6 +74,14 @@ def check_slide_id(slide_id: str) -> str:
     return slide_id
 
 
+@dataclass(frozen=True)
+class CommittedSlide:
+    """The status of a slide's committed summary and the URI it was scored from."""
+
+    status: str
+    source: str
+
+
 class OutputStore:
     """The output prefix on a local or S3 filesystem, with atomic per-slide commits."""
 
@@ -88,19 +97,20 @@ class OutputStore:
     def _staged(self, name: str) -> str:
         return f"{self.root}/{STAGING_DIR}/{self.run_id}/{name}"
 
-    def completed(self) -> dict[str, str]:
-        """Return {slide_id: status} of every committed summary."""
+    def completed(self) -> dict[str, CommittedSlide]:
+        """Return the status and source of every committed summary, by slide id."""
         selector = pafs.FileSelector(f"{self.root}/{SLIDES_DIR}", allow_not_found=True)
         files = [info.path for info in self.fs.get_file_info(selector) if info.path.endswith(".parquet")]
-        statuses: dict[str, str] = {}
+        committed: dict[str, CommittedSlide] = {}
         for path in files:
             try:
-                table = pq.read_table(path, filesystem=self.fs, columns=["slide_id", "status"])
+                table = pq.read_table(path, filesystem=self.fs, columns=["slide_id", "status", "source"])
             except (OSError, pa.ArrowInvalid, KeyError) as e:
                 logger.warning("summary %s is unreadable (%s); its slide will be scored again", path, e)
                 continue
-            statuses.update(zip(table["slide_id"].to_pylist(), table["status"].to_pylist()))
-        return statuses
+            for row in table.to_pylist():
+                committed[row["slide_id"]] = CommittedSlide(row["status"], row["source"])
+        return committed
 
     def check_run(self, settings: dict[str, Any]) -> None:
         """Record `settings` in run.json, or raise ValueError if earlier results used others."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from cervi_ray.checkpoint import MODEL_FILE, load_model
 from cervi_ray.config import Config, ConfigError, ScoringConfig
-from cervi_ray.scoring.outputs import OutputStore, render_heatmap, slide_summary, tile_table
+from cervi_ray.scoring.outputs import CommittedSlide, OutputStore, render_heatmap, slide_summary, tile_table
 from cervi_ray.scoring.resolution import model_resolution
 from cervi_ray.scoring.slides import SlideStorage
 from cervi_ray.scoring.sources import SlideSource, list_slides
@@ -275,8 +275,9 @@ def _score_archive(config: Config, model: nn.Module | None, model_meta: dict[str
     # Slides, minus those an earlier run completed.
     storage = SlideStorage(scoring.endpoint_url, scoring.cache_dir, scoring.remote_access)
     slides = list_slides(scoring.input, scoring.manifest, storage, exclude=scoring.output)
-    statuses = store.completed()
-    pending = [slide for slide in slides if statuses.get(slide.slide_id) != "ok"]
+    committed = store.completed()
+    pending = [slide for slide in slides if slide.slide_id not in committed or committed[slide.slide_id].status != "ok"]
+    warn_changed_sources(slides, committed)
     report = ScoringReport(scoring.output, len(slides), len(slides) - len(pending))
     logger.info(
         "scoring %d slides of %d (%d already complete) with %s at %.3g microns per pixel (%s) into %s",
@@ -313,6 +314,24 @@ def _score_archive(config: Config, model: nn.Module | None, model_meta: dict[str
         "scoring finished in %.1f s: %s, %d tiles scored", report.seconds, dict(report.statuses), report.tiles_scored
     )
     return report
+
+
+def warn_changed_sources(slides: list[SlideSource], committed: dict[str, CommittedSlide]) -> None:
+    """Log the complete slides whose id now belongs to another file than the one scored.
+
+    Reruns skip complete slides by id, so a moved or replaced file keeps its earlier results.
+    """
+    changed = sorted(
+        slide.slide_id for slide in slides
+        if slide.slide_id in committed and committed[slide.slide_id].status == "ok"
+        and committed[slide.slide_id].source != slide.uri
+    )
+    if changed:
+        logger.warning(
+            "these complete slides were scored from another file than the one listed now, and their earlier "
+            "results are kept: %s (%d in all). To score them again, delete slides/<slide_id>.parquet under the output",
+            ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else ""), len(changed),
+        )
 
 
 class SlideCommitter:
