@@ -122,8 +122,8 @@ def test_output_dir_in_ray_working_copy_rejected(tmp_path, monkeypatch):
     assert f"run.output_dir {working_copy / 'runs'} is inside {working_copy}" in message
     assert "--set run.output_dir=" in message
 
-    kept = load_config(CONFIGS / "baby.yaml", [f"run.output_dir={tmp_path / 'results'}"])
-    assert kept.run.output_dir == str(tmp_path / "results")
+    outside_copy = load_config(CONFIGS / "baby.yaml", [f"run.output_dir={tmp_path / 'results'}"])
+    assert outside_copy.run.output_dir == str(tmp_path / "results")
 
 
 def test_output_dir_relative_without_ray_job(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ import pandas as pd
 import pytest
 import requests
 
-from cervi_ray.checkpoint import load_model, load_training_state
+from cervi_ray.checkpoint import load_model, load_training_state, read_meta
 from cervi_ray.config import load_config
 from cervi_ray.scoring.resolution import model_resolution
 from faults import (
@@ -171,10 +171,6 @@ def registered_checkpoints(run_folder: Path) -> dict[int, Path]:
         result["metrics"]["epoch"]: run_folder / result["checkpoint_dir_name"]
         for result in read_snapshot(run_folder)["checkpoint_results"]
     }
-
-
-def read_meta(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "meta.json").read_text())
 
 
 def wait_for_registered_checkpoint(jobs: JobRunner, job: SubmittedJob, run_folder: Path, epoch: int) -> int:
